@@ -1,0 +1,288 @@
+"""Configuration dataclasses and named presets.
+
+One dataclass per model kind (`AutoencoderConfig`, `CALMConfig`, `ARConfig`) plus
+`TrainConfig` for optimisation. Presets are plain functions of nothing, collected in
+`PRESETS`; `apply_overrides` turns ``["d_model=256", "lr=1e-3"]`` into a new config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+LLAMA3_VOCAB = 128_257  # Llama-3 tokenizer plus the authors' [PAD] token
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot work, or an override that names no field."""
+
+
+@dataclass
+class _Config:
+    kind: typing.ClassVar[str] = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"{cls.__name__}: unknown field(s) {unknown}; known: {sorted(names)}")
+        return cls(**data)
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+@dataclass
+class AutoencoderConfig(_Config):
+    """Chunk autoencoder (DESIGN §2.1): K tokens <-> one latent vector of size l."""
+
+    kind: typing.ClassVar[str] = "autoencoder"
+    vocab_size: int = 8192
+    chunk_size: int = 4  # K
+    latent_dim: int = 128  # l
+    d_model: int = 512  # d
+    ffn_dim: int = 1280  # SwiGLU inner width
+    num_layers: int = 2  # residual blocks per stack: first half before squeeze, rest after
+    kl_weight: float = 1e-3  # beta
+    kl_clamp: float = 0.5  # free bits: per-dimension KL clipped from below
+    token_mask_prob: float = 0.15  # input tokens replaced by the mask token (training)
+    latent_dropout: float = 0.15  # dropout on the sampled latent (training)
+    norm_eps: float = 1e-6
+    pad_id: int = 1
+    mask_id: int = 2
+    eot_id: int = 0
+
+    def __post_init__(self):
+        if self.chunk_size < 1 or self.latent_dim < 1 or self.d_model < 1:
+            raise ConfigError("chunk_size, latent_dim and d_model must be positive")
+        if self.num_layers < 2 or self.num_layers % 2:
+            raise ConfigError("num_layers must be even and >= 2 (half before, half after the squeeze)")
+        if not 0 <= self.token_mask_prob < 1 or not 0 <= self.latent_dropout < 1:
+            raise ConfigError("token_mask_prob and latent_dropout must be in [0, 1)")
+
+
+@dataclass
+class BackboneConfig(_Config):
+    """Llama-style decoder shared by CALM and the token baseline."""
+
+    d_model: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 0  # 0 means = num_heads (no grouped-query attention)
+    ffn_dim: int = 688
+    max_seq_len: int = 512  # positions of the backbone (chunks for CALM, tokens for AR)
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    def _check_backbone(self):
+        if self.d_model % self.num_heads:
+            raise ConfigError(f"d_model {self.d_model} is not divisible by num_heads {self.num_heads}")
+        if self.num_heads % self.kv_heads:
+            raise ConfigError(f"num_heads {self.num_heads} is not divisible by num_kv_heads {self.kv_heads}")
+        if (self.d_model // self.num_heads) % 2:
+            raise ConfigError("head dimension must be even for rotary embeddings")
+
+    def __post_init__(self):
+        self._check_backbone()
+
+
+@dataclass
+class CALMConfig(BackboneConfig):
+    """CALM language model (DESIGN §2.2). The autoencoder config travels with it."""
+
+    kind: typing.ClassVar[str] = "calm"
+    vocab_size: int = 8192
+    chunk_size: int = 4
+    latent_dim: int = 128
+    head_layers: int = 0  # energy-head residual blocks; 0 means num_layers // 4 (at least 1)
+    noise_dim: int = 64
+    num_model_samples: int = 8  # N
+    num_target_samples: int = 100  # M
+    energy_alpha: float = 1.0  # exponent of the distance in the energy score
+    autoencoder: dict = field(default_factory=dict)  # AutoencoderConfig.to_dict() of the frozen AE
+
+    @property
+    def num_head_layers(self) -> int:
+        return self.head_layers or max(1, self.num_layers // 4)
+
+    def __post_init__(self):
+        self._check_backbone()
+        if self.num_model_samples < 2:
+            raise ConfigError("num_model_samples must be >= 2 (the energy score needs pairs)")
+        if not 0 < self.energy_alpha < 2:
+            raise ConfigError("energy_alpha must be in (0, 2) to be strictly proper; the default 1 is advised")
+
+
+@dataclass
+class ARConfig(BackboneConfig):
+    """Token-level Transformer baseline: same backbone, token embedding and LM head."""
+
+    kind: typing.ClassVar[str] = "ar"
+    vocab_size: int = 8192
+    tie_embeddings: bool = False  # the paper's Transformer baselines are untied
+
+
+@dataclass
+class TrainConfig(_Config):
+    """Optimisation and bookkeeping for the one training loop."""
+
+    kind: typing.ClassVar[str] = "train"
+    steps: int = 1000
+    batch_size: int = 16  # global batch, in windows of block_size tokens
+    block_size: int = 256  # tokens per window
+    grad_accum: int = 1
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1  # cosine schedule floor, as a fraction of lr
+    schedule: str = "constant"  # "constant" or "cosine" after warm-up
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_every: int = 200
+    eval_batches: int = 8
+    save_every: int = 500
+    log_every: int = 10
+    seed: int = 1234
+    dtype: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU), "fp32", "bf16"
+    compile: bool = False
+    max_bad_steps: int = 10  # consecutive non-finite losses before aborting
+
+    def __post_init__(self):
+        if self.schedule not in ("constant", "cosine"):
+            raise ConfigError(f"schedule must be 'constant' or 'cosine', not {self.schedule!r}")
+        if self.dtype not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"dtype must be auto, fp32 or bf16, not {self.dtype!r}")
+        for name in ("steps", "batch_size", "block_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1")
+
+
+CONFIG_CLASSES = {c.kind: c for c in (AutoencoderConfig, CALMConfig, ARConfig)}
+
+
+def config_from_dict(kind: str, data: dict[str, Any]):
+    """Build the model config of `kind` ("autoencoder", "calm", "ar") from a dict."""
+    if kind not in CONFIG_CLASSES:
+        raise ConfigError(f"unknown model kind {kind!r}; expected one of {sorted(CONFIG_CLASSES)}")
+    return CONFIG_CLASSES[kind].from_dict(data)
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets. Paper sizes use the Llama-3 vocabulary; "-cpu" presets train on a laptop CPU.
+
+def _paper_calm(d: int, ffn: int, layers: int, heads: int) -> CALMConfig:
+    return CALMConfig(
+        d_model=d, num_layers=layers, num_heads=heads, ffn_dim=ffn, max_seq_len=2048,
+        vocab_size=LLAMA3_VOCAB, chunk_size=4, latent_dim=128,
+    )
+
+
+def _paper_ar(d: int, ffn: int, layers: int, heads: int) -> ARConfig:
+    return ARConfig(d_model=d, num_layers=layers, num_heads=heads, ffn_dim=ffn, max_seq_len=2048,
+                    vocab_size=LLAMA3_VOCAB)
+
+
+PRESETS: dict[str, Any] = {
+    # autoencoders
+    "ae-paper": AutoencoderConfig(vocab_size=LLAMA3_VOCAB, d_model=512, ffn_dim=1280, latent_dim=128),
+    "ae-cpu": AutoencoderConfig(vocab_size=8192, d_model=256, ffn_dim=640, latent_dim=128),
+    "ae-tiny": AutoencoderConfig(vocab_size=512, d_model=64, ffn_dim=160, latent_dim=16),
+    # CALM
+    "calm-m": _paper_calm(1024, 2752, 16, 16),
+    "calm-l": _paper_calm(1536, 4096, 16, 16),
+    "calm-xl": _paper_calm(2560, 6880, 16, 20),
+    "calm-cpu": CALMConfig(d_model=256, num_layers=4, num_heads=4, ffn_dim=688, max_seq_len=256),
+    "calm-tiny": CALMConfig(d_model=64, num_layers=2, num_heads=2, ffn_dim=160, max_seq_len=64,
+                            vocab_size=512, latent_dim=16, num_target_samples=16),
+    # token baseline
+    "transformer-s": _paper_ar(768, 2048, 12, 12),
+    "transformer-m": _paper_ar(1024, 2752, 16, 16),
+    "transformer-l": _paper_ar(1536, 4096, 16, 16),
+    "transformer-cpu": ARConfig(d_model=256, num_layers=4, num_heads=4, ffn_dim=688, max_seq_len=1024),
+    "transformer-tiny": ARConfig(d_model=64, num_layers=2, num_heads=2, ffn_dim=160, max_seq_len=256,
+                                 vocab_size=512),
+}
+
+
+def preset(name: str):
+    """A fresh copy of the named preset (see `PRESETS`)."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; available: {', '.join(sorted(PRESETS))}")
+    return dataclasses.replace(PRESETS[name])
+
+
+def _cast(value: str, annotation: Any, name: str):
+    if isinstance(annotation, str):
+        annotation = {"int": int, "float": float, "str": str, "bool": bool, "dict": dict}.get(
+            annotation.split("|")[0].strip(), str)
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    try:
+        if annotation is bool:
+            low = value.lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if annotation is int:
+            return int(float(value)) if "e" in value.lower() else int(value)
+        if annotation is float:
+            return float(value)
+        if annotation is dict:
+            return json.loads(value)
+        return annotation(value)
+    except (ValueError, json.JSONDecodeError) as err:
+        raise ConfigError(f"cannot read {name}={value!r} as {getattr(annotation, '__name__', annotation)}") from err
+
+
+def apply_overrides(cfg, overrides: list[str] | None):
+    """Return a copy of `cfg` with ``key=value`` strings applied (values cast to the field type)."""
+    if not overrides:
+        return cfg
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    changes = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, value = item.split("=", 1)
+        key = key.strip().replace("-", "_")
+        if key not in fields:
+            raise ConfigError(f"{type(cfg).__name__} has no field {key!r}; fields: {', '.join(sorted(fields))}")
+        changes[key] = _cast(value.strip(), fields[key].type, key)
+    return dataclasses.replace(cfg, **changes)
+
+
+def split_overrides(cfg_a, cfg_b, overrides: list[str] | None) -> tuple[list[str], list[str]]:
+    """Route each ``key=value`` to whichever of two configs has that field (model vs training)."""
+    a_names = {f.name for f in dataclasses.fields(cfg_a)}
+    b_names = {f.name for f in dataclasses.fields(cfg_b)}
+    to_a, to_b = [], []
+    for item in overrides or []:
+        key = item.split("=", 1)[0].strip().replace("-", "_")
+        if key in a_names:
+            to_a.append(item)
+        elif key in b_names:
+            to_b.append(item)
+        else:
+            raise ConfigError(
+                f"no config field named {key!r}; model fields: {', '.join(sorted(a_names))}; "
+                f"training fields: {', '.join(sorted(b_names))}")
+    return to_a, to_b
