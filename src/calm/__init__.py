@@ -1,0 +1,17 @@
+"""calm: Continuous Autoregressive Language Models (Shao et al., 2025) in PyTorch.
+
+`calm.load(path)` returns the model stored in a checkpoint directory (autoencoder, CALM or
+token baseline) with its tokenizer attached as `model.tokenizer`.
+"""
+
+__version__ = "0.1.0"
+
+
+def load(path, device=None, dtype=None):
+    """Load the model in checkpoint directory `path` (ours, or the authors' released layout)."""
+    from calm.checkpoint import load_model
+
+    return load_model(path, device=device, dtype=dtype)
+
+
+__all__ = ["__version__", "load"]

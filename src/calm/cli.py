@@ -1,0 +1,86 @@
+"""The `calm` command line.
+
+Each subcommand is a pair of plain functions in the module that does the work:
+``add_<name>_arguments(parser)`` and ``run_<name>(args) -> int``. Modules are imported only
+for the subcommand being run, so `calm --help` is instant and needs no torch import.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, function stem, one-line help)
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "prepare": ("calm.data", "prepare",
+                "text/JSONL files -> tokenizer (train BPE or load tokenizer.json) -> token shards"),
+    "train-ae": ("calm.train", "train_ae", "train the chunk autoencoder (stage 1)"),
+    "train": ("calm.train", "train",
+              "train the CALM model on a frozen autoencoder (stage 2), or the token baseline (--model ar)"),
+    "eval": ("calm.evaluate", "eval",
+             "evaluate a checkpoint: BrierLM for CALM/AR, cross-entropy for AR, reconstruction for autoencoders"),
+    "generate": ("calm.generate", "generate", "generate text from prompts (logit-free temperature for CALM)"),
+    "flops": ("calm.flops", "flops", "parameter counts and FLOPs per token for a preset or checkpoint"),
+    "quickstart": ("calm.quickstart", "quickstart",
+                   "the whole pipeline end to end on a small default, with a report"),
+    "convert-official": ("calm.official", "convert_official",
+                         "convert the authors' released CALM/autoencoder checkpoints to this format"),
+}
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="calm",
+        description="Continuous Autoregressive Language Models: train, evaluate, compare and run CALM "
+        "(Shao et al., 2025) against a token-level Transformer.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="commands:\n" + "\n".join(f"  {name:<17} {help_}" for name, (_, _, help_) in COMMANDS.items())
+        + "\n\nRun `calm COMMAND --help` for the options of a command.",
+    )
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    parser.add_argument("command", nargs="?", choices=list(COMMANDS), metavar="COMMAND",
+                        help="one of: " + ", ".join(COMMANDS))
+    return parser
+
+
+def build_command_parser(name: str) -> tuple[argparse.ArgumentParser, object]:
+    """The argument parser of one subcommand and its run function."""
+    module_name, stem, help_ = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"calm {name}", description=help_,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    getattr(module, f"add_{stem}_arguments")(parser)
+    return parser, getattr(module, f"run_{stem}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    top = _top_parser()
+    if not argv or argv[0] in ("-h", "--help"):
+        top.print_help()
+        sys.exit(0)
+    if argv[0] == "--version":
+        from calm import __version__
+
+        print(__version__)
+        sys.exit(0)
+    if argv[0] not in COMMANDS:
+        top.error(f"unknown command {argv[0]!r}; choose from {', '.join(COMMANDS)}")
+    parser, run = build_command_parser(argv[0])
+    args = parser.parse_args(argv[1:])
+    try:
+        code = run(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        code = 130
+    except (ValueError, FileNotFoundError, OSError) as err:
+        # Our own errors (DataError, ConfigError, CheckpointError, ...) derive from these and carry a
+        # message meant for the user: show it without a traceback. CALM_DEBUG=1 shows the traceback.
+        import os
+
+        if os.environ.get("CALM_DEBUG"):
+            raise
+        print(f"calm {argv[0]}: error: {err}", file=sys.stderr)
+        code = 2
+    sys.exit(code or 0)
