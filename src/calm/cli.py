@@ -13,19 +13,34 @@ import sys
 
 # name -> (module, function stem, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "prepare": ("calm.data", "prepare",
-                "text/JSONL files -> tokenizer (train BPE or load tokenizer.json) -> token shards"),
+    "prepare": (
+        "calm.data",
+        "prepare",
+        "text/JSONL files -> tokenizer (train BPE or load tokenizer.json) -> token shards",
+    ),
     "train-ae": ("calm.train", "train_ae", "train the chunk autoencoder (stage 1)"),
-    "train": ("calm.train", "train",
-              "train the CALM model on a frozen autoencoder (stage 2), or the token baseline (--model ar)"),
-    "eval": ("calm.evaluate", "eval",
-             "evaluate a checkpoint: BrierLM for CALM/AR, cross-entropy for AR, reconstruction for autoencoders"),
+    "train": (
+        "calm.train",
+        "train",
+        "train the CALM model on a frozen autoencoder (stage 2), or the token baseline (--model ar)",
+    ),
+    "eval": (
+        "calm.evaluate",
+        "eval",
+        "evaluate a checkpoint: BrierLM for CALM/AR, cross-entropy for AR, reconstruction for autoencoders",
+    ),
     "generate": ("calm.generate", "generate", "generate text from prompts (logit-free temperature for CALM)"),
     "flops": ("calm.flops", "flops", "parameter counts and FLOPs per token for a preset or checkpoint"),
-    "quickstart": ("calm.quickstart", "quickstart",
-                   "the whole pipeline end to end on a small default, with a report"),
-    "convert-official": ("calm.official", "convert_official",
-                         "convert the authors' released CALM/autoencoder checkpoints to this format"),
+    "quickstart": (
+        "calm.quickstart",
+        "quickstart",
+        "the whole pipeline end to end on a small default, with a report",
+    ),
+    "convert-official": (
+        "calm.official",
+        "convert_official",
+        "convert the authors' released CALM/autoencoder checkpoints to this format",
+    ),
 }
 
 
@@ -35,12 +50,14 @@ def _top_parser() -> argparse.ArgumentParser:
         description="Continuous Autoregressive Language Models: train, evaluate, compare and run CALM "
         "(Shao et al., 2025) against a token-level Transformer.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="commands:\n" + "\n".join(f"  {name:<17} {help_}" for name, (_, _, help_) in COMMANDS.items())
+        epilog="commands:\n"
+        + "\n".join(f"  {name:<17} {help_}" for name, (_, _, help_) in COMMANDS.items())
         + "\n\nRun `calm COMMAND --help` for the options of a command.",
     )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
-    parser.add_argument("command", nargs="?", choices=list(COMMANDS), metavar="COMMAND",
-                        help="one of: " + ", ".join(COMMANDS))
+    parser.add_argument(
+        "command", nargs="?", choices=list(COMMANDS), metavar="COMMAND", help="one of: " + ", ".join(COMMANDS)
+    )
     return parser
 
 
@@ -48,8 +65,9 @@ def build_command_parser(name: str) -> tuple[argparse.ArgumentParser, object]:
     """The argument parser of one subcommand and its run function."""
     module_name, stem, help_ = COMMANDS[name]
     module = importlib.import_module(module_name)
-    parser = argparse.ArgumentParser(prog=f"calm {name}", description=help_,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=f"calm {name}", description=help_, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     getattr(module, f"add_{stem}_arguments")(parser)
     return parser, getattr(module, f"run_{stem}")
 

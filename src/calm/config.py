@@ -125,7 +125,9 @@ class CALMConfig(BackboneConfig):
         if self.num_model_samples < 2:
             raise ConfigError("num_model_samples must be >= 2 (the energy score needs pairs)")
         if not 0 < self.energy_alpha < 2:
-            raise ConfigError("energy_alpha must be in (0, 2) to be strictly proper; the default 1 is advised")
+            raise ConfigError(
+                "energy_alpha must be in (0, 2) to be strictly proper; the default 1 is advised"
+            )
 
 
 @dataclass
@@ -186,16 +188,24 @@ def config_from_dict(kind: str, data: dict[str, Any]):
 # ---------------------------------------------------------------------------------------------
 # Presets. Paper sizes use the Llama-3 vocabulary; "-cpu" presets train on a laptop CPU.
 
+
 def _paper_calm(d: int, ffn: int, layers: int, heads: int) -> CALMConfig:
     return CALMConfig(
-        d_model=d, num_layers=layers, num_heads=heads, ffn_dim=ffn, max_seq_len=2048,
-        vocab_size=LLAMA3_VOCAB, chunk_size=4, latent_dim=128,
+        d_model=d,
+        num_layers=layers,
+        num_heads=heads,
+        ffn_dim=ffn,
+        max_seq_len=2048,
+        vocab_size=LLAMA3_VOCAB,
+        chunk_size=4,
+        latent_dim=128,
     )
 
 
 def _paper_ar(d: int, ffn: int, layers: int, heads: int) -> ARConfig:
-    return ARConfig(d_model=d, num_layers=layers, num_heads=heads, ffn_dim=ffn, max_seq_len=2048,
-                    vocab_size=LLAMA3_VOCAB)
+    return ARConfig(
+        d_model=d, num_layers=layers, num_heads=heads, ffn_dim=ffn, max_seq_len=2048, vocab_size=LLAMA3_VOCAB
+    )
 
 
 PRESETS: dict[str, Any] = {
@@ -208,15 +218,24 @@ PRESETS: dict[str, Any] = {
     "calm-l": _paper_calm(1536, 4096, 16, 16),
     "calm-xl": _paper_calm(2560, 6880, 16, 20),
     "calm-cpu": CALMConfig(d_model=256, num_layers=4, num_heads=4, ffn_dim=688, max_seq_len=256),
-    "calm-tiny": CALMConfig(d_model=64, num_layers=2, num_heads=2, ffn_dim=160, max_seq_len=64,
-                            vocab_size=512, latent_dim=16, num_target_samples=16),
+    "calm-tiny": CALMConfig(
+        d_model=64,
+        num_layers=2,
+        num_heads=2,
+        ffn_dim=160,
+        max_seq_len=64,
+        vocab_size=512,
+        latent_dim=16,
+        num_target_samples=16,
+    ),
     # token baseline
     "transformer-s": _paper_ar(768, 2048, 12, 12),
     "transformer-m": _paper_ar(1024, 2752, 16, 16),
     "transformer-l": _paper_ar(1536, 4096, 16, 16),
     "transformer-cpu": ARConfig(d_model=256, num_layers=4, num_heads=4, ffn_dim=688, max_seq_len=1024),
-    "transformer-tiny": ARConfig(d_model=64, num_layers=2, num_heads=2, ffn_dim=160, max_seq_len=256,
-                                 vocab_size=512),
+    "transformer-tiny": ARConfig(
+        d_model=64, num_layers=2, num_heads=2, ffn_dim=160, max_seq_len=256, vocab_size=512
+    ),
 }
 
 
@@ -230,7 +249,8 @@ def preset(name: str):
 def _cast(value: str, annotation: Any, name: str):
     if isinstance(annotation, str):
         annotation = {"int": int, "float": float, "str": str, "bool": bool, "dict": dict}.get(
-            annotation.split("|")[0].strip(), str)
+            annotation.split("|")[0].strip(), str
+        )
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
@@ -250,7 +270,9 @@ def _cast(value: str, annotation: Any, name: str):
             return json.loads(value)
         return annotation(value)
     except (ValueError, json.JSONDecodeError) as err:
-        raise ConfigError(f"cannot read {name}={value!r} as {getattr(annotation, '__name__', annotation)}") from err
+        raise ConfigError(
+            f"cannot read {name}={value!r} as {getattr(annotation, '__name__', annotation)}"
+        ) from err
 
 
 def apply_overrides(cfg, overrides: list[str] | None):
@@ -265,7 +287,9 @@ def apply_overrides(cfg, overrides: list[str] | None):
         key, value = item.split("=", 1)
         key = key.strip().replace("-", "_")
         if key not in fields:
-            raise ConfigError(f"{type(cfg).__name__} has no field {key!r}; fields: {', '.join(sorted(fields))}")
+            raise ConfigError(
+                f"{type(cfg).__name__} has no field {key!r}; fields: {', '.join(sorted(fields))}"
+            )
         changes[key] = _cast(value.strip(), fields[key].type, key)
     return dataclasses.replace(cfg, **changes)
 
@@ -284,5 +308,6 @@ def split_overrides(cfg_a, cfg_b, overrides: list[str] | None) -> tuple[list[str
         else:
             raise ConfigError(
                 f"no config field named {key!r}; model fields: {', '.join(sorted(a_names))}; "
-                f"training fields: {', '.join(sorted(b_names))}")
+                f"training fields: {', '.join(sorted(b_names))}"
+            )
     return to_a, to_b
