@@ -192,6 +192,8 @@ class Tokenizer:
         reloaded tokenizer has exactly the ids it was saved with.
         """
         path = Path(path)
+        if not path.exists():
+            raise TokenizerError(f"tokenizer not found: {path}")
         directory = path if path.is_dir() else path.parent
         file = path if path.is_file() else path / TOKENIZER_FILE
         meta_path = directory / META_FILE
