@@ -1,0 +1,451 @@
+"""Checkpoint directories: atomic writes, strict loads, resumable training state.
+
+A checkpoint is a directory::
+
+    config.json        {"format": "calm-checkpoint-v1", "kind": ..., "config": {...}, "calm_version": ...}
+    model.safetensors  weights; tied tensors stored once (safetensors.torch.save_model)
+    tokenizer.json ... whatever `Tokenizer.save(dir)` writes, when the model has a tokenizer
+    train_state.pt     training checkpoints only: optimizer, scheduler, step, RNG states, metrics
+    COMPLETE           written last; a directory without it is never loaded
+
+Atomicity: everything is written into a hidden sibling ``.<name>.tmp-<pid>-<rand>``, fsynced,
+marked COMPLETE, and only then renamed into place. Replacing an existing checkpoint renames the
+old one to ``.<name>.old-<pid>-<rand>``, renames the new one in, then deletes the old one, so at
+every instant a complete checkpoint exists under one of the two names. If a crash hits the
+short window between the two renames, `load_model`, `latest_checkpoint` and the next save find
+the ``.old`` sibling and use (or restore) it. Temp directories are never loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import warnings
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+FORMAT = "calm-checkpoint-v1"
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+TRAIN_STATE_FILE = "train_state.pt"
+COMPLETE_FILE = "COMPLETE"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_meta.json")
+# Files whose byte size the COMPLETE marker records and `load_model` checks (cheap corruption check).
+_SIZED_FILES = (WEIGHTS_FILE, TRAIN_STATE_FILE)
+
+
+_TMP_NAME = re.compile(r"^\..+\.tmp-\d+-[0-9a-f]+$")
+
+
+class CheckpointError(ValueError):
+    """A directory that is not a complete, loadable checkpoint (message says why)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on directories; the rename is still atomic
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            _fsync_path(Path(dirpath) / name)
+        _fsync_path(Path(dirpath))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _siblings(path: Path, tag: str) -> list[Path]:
+    """Hidden siblings ``.<name>.<tag>-*`` of checkpoint `path`, newest first."""
+    if not path.parent.is_dir():
+        return []
+    found = [p for p in path.parent.glob(f".{path.name}.{tag}-*") if p.is_dir()]
+    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def _recover(path: Path) -> None:
+    """Repair what a crash mid-save can leave behind, before writing `path` again."""
+    if not path.exists():
+        old = [p for p in _siblings(path, "old") if is_complete(p)]
+        if old:
+            os.rename(old[0], path)
+    if is_complete(path):
+        for p in _siblings(path, "old"):
+            shutil.rmtree(p, ignore_errors=True)
+    for p in _siblings(path, "tmp"):
+        try:
+            pid = int(p.name.rsplit(".tmp-", 1)[1].split("-")[0])
+        except (IndexError, ValueError):
+            continue
+        if pid == os.getpid() or not _pid_alive(pid):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _dedup_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop all but the first name of tensors that are the same view of the same storage."""
+    seen: dict[tuple, str] = {}
+    out = {}
+    for name in sorted(state_dict):
+        t = state_dict[name]
+        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
+        if t.numel() and key in seen:
+            continue
+        seen[key] = name
+        out[name] = t.detach().contiguous()
+    return out
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    inner = getattr(model, "module", None)
+    return inner if isinstance(inner, nn.Module) else model
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: nn.Module,
+    *,
+    tokenizer=None,
+    train_state: dict[str, Any] | None = None,
+    extra_files: dict[str, str | bytes | os.PathLike] | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Atomically write `model` (and optionally its tokenizer and training state) to `path`.
+
+    `extra_files` maps a file name to its text/bytes content, or to a path to copy.
+    `state_dict` replaces ``model.state_dict()`` (used under FSDP, where the full state dict is
+    gathered first). Returns the checkpoint path.
+    """
+    path = Path(path)
+    model = _unwrap(model)
+    config = getattr(model, "config", None)
+    if config is None or not getattr(config, "kind", ""):
+        raise CheckpointError(f"{type(model).__name__} has no .config with a kind; cannot write a checkpoint")
+    if path.exists() and not _is_checkpoint_like(path):
+        raise CheckpointError(
+            f"refusing to overwrite {path}: it exists and is not a calm checkpoint directory"
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _recover(path)
+
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        from calm import __version__
+
+        meta = {
+            "format": FORMAT,
+            "kind": config.kind,
+            "config": config.to_dict(),
+            "calm_version": __version__,
+        }
+        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        if state_dict is None:
+            from safetensors.torch import save_model
+
+            save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        else:
+            from safetensors.torch import save_file
+
+            save_file(_dedup_state_dict(state_dict), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        if train_state is not None:
+            torch.save(train_state, tmp / TRAIN_STATE_FILE)
+        for name, content in (extra_files or {}).items():
+            target = tmp / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(content, bytes):
+                target.write_bytes(content)
+            elif isinstance(content, str):
+                target.write_text(content)
+            else:
+                shutil.copyfile(content, target)
+        _fsync_tree(tmp)
+        sizes = {n: (tmp / n).stat().st_size for n in _SIZED_FILES if (tmp / n).exists()}
+        (tmp / COMPLETE_FILE).write_text(json.dumps({"format": FORMAT, "sizes": sizes}) + "\n")
+        _fsync_path(tmp / COMPLETE_FILE)
+        _fsync_path(tmp)
+
+        if path.exists():
+            old = path.parent / f".{path.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
+            os.rename(path, old)
+            os.rename(tmp, path)
+            _fsync_path(path.parent)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, path)
+        _fsync_path(path.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def is_complete(path: str | os.PathLike) -> bool:
+    """True if `path` is a directory with our config.json and the COMPLETE marker."""
+    path = Path(path)
+    return path.is_dir() and (path / COMPLETE_FILE).is_file() and (path / CONFIG_FILE).is_file()
+
+
+def _is_checkpoint_like(path: Path) -> bool:
+    if not path.is_dir():
+        return False
+    if (path / COMPLETE_FILE).exists():
+        return True
+    try:
+        return json.loads((path / CONFIG_FILE).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _looks_official(path: Path) -> bool:
+    """The authors' released layout: a config.json with `patch_size` and HF-style weights."""
+    try:
+        cfg = json.loads((path / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(cfg, dict) or "format" in cfg or "patch_size" not in cfg:
+        return False
+    return any(path.glob("pytorch_model*.bin")) or any(path.glob("*.safetensors"))
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """The complete checkpoint directory to read for `path`, or a `CheckpointError` saying why not.
+
+    Follows the ``.old`` sibling a crash between the two renames of a save can leave.
+    """
+    path = Path(path)
+    if _TMP_NAME.match(path.name):
+        raise CheckpointError(
+            f"{path} is the temporary directory of an unfinished or interrupted save; it is never loaded"
+        )
+    if is_complete(path):
+        return path
+    if not path.exists():
+        old = [p for p in _siblings(path, "old") if is_complete(p)]
+        if old:
+            warnings.warn(
+                f"{path} is missing but a complete previous version {old[0].name} exists "
+                "(a save was interrupted); using it",
+                stacklevel=2,
+            )
+            return old[0]
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is not a directory")
+    if not (path / CONFIG_FILE).is_file():
+        raise CheckpointError(
+            f"{path} is not a calm checkpoint: it has no {CONFIG_FILE} (expected a directory written by "
+            "calm train/train-ae or calm.checkpoint.save_checkpoint)"
+        )
+    raise CheckpointError(
+        f"{path} is an incomplete or interrupted checkpoint (no {COMPLETE_FILE} marker); "
+        "it cannot be trusted, use an earlier checkpoint or re-run the save"
+    )
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads((path / CONFIG_FILE).read_text())
+    except ValueError as err:
+        raise CheckpointError(f"{path / CONFIG_FILE} is not valid JSON: {err}") from err
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{path / CONFIG_FILE} is not a calm checkpoint config (format "
+            f"{meta.get('format') if isinstance(meta, dict) else None!r}, expected {FORMAT!r})"
+        )
+    return meta
+
+
+def _check_sizes(path: Path) -> None:
+    try:
+        marker = json.loads((path / COMPLETE_FILE).read_text() or "{}")
+    except ValueError:
+        return
+    for name, size in (marker.get("sizes") or {}).items():
+        actual = (path / name).stat().st_size if (path / name).exists() else None
+        if actual != size:
+            raise CheckpointError(
+                f"{path / name} is {'missing' if actual is None else f'{actual} bytes'}, "
+                f"but {size} bytes were written: the checkpoint is corrupted"
+            )
+
+
+def load_config(path: str | os.PathLike):
+    """The model config object stored in checkpoint `path` (no weights are read)."""
+    path = resolve_checkpoint(path)
+    meta = _read_meta(path)
+    kind = meta.get("kind")
+    from calm.config import CONFIG_CLASSES, config_from_dict
+
+    if kind not in CONFIG_CLASSES:
+        raise CheckpointError(
+            f"{path}: unknown model kind {kind!r}; expected one of {sorted(CONFIG_CLASSES)}"
+        )
+    try:
+        return config_from_dict(kind, dict(meta.get("config") or {}))
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{path / CONFIG_FILE}: invalid {kind} config: {err}") from err
+
+
+def _shared_groups(state_dict: dict[str, torch.Tensor]) -> dict[str, set[str]]:
+    """name -> all names (itself included) that are the very same tensor (tied weights)."""
+    by_key: dict[tuple, set[str]] = defaultdict(set)
+    for name, t in state_dict.items():
+        if t.numel():
+            by_key[(t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())].add(name)
+        else:
+            by_key[("empty", name)].add(name)
+    return {name: group for group in by_key.values() for name in group}
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> nn.Module:
+    """Load ``path/model.safetensors`` into `model` in place, with explicit errors.
+
+    Names missing from the file are fine when they are tied to a name that is present (that is
+    how `save_model` stores tied weights); the tie survives because the modules share the
+    Parameter and values are copied in place.
+    """
+    path = Path(path)
+    file = path / WEIGHTS_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise CheckpointError(f"{file} is missing")
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(file), device="cpu")
+    except Exception as err:  # the Rust error types do not share a Python base class
+        raise CheckpointError(f"cannot read {file} (corrupted or not a safetensors file): {err}") from err
+
+    model_sd = model.state_dict()
+    groups = _shared_groups(model_sd)
+    unexpected = sorted(set(tensors) - set(model_sd))
+    missing = sorted(n for n in set(model_sd) - set(tensors) if not (groups.get(n, {n}) & set(tensors)))
+    mismatched = [
+        f"{n}: checkpoint {tuple(tensors[n].shape)} vs model {tuple(model_sd[n].shape)}"
+        for n in sorted(set(tensors) & set(model_sd))
+        if tensors[n].shape != model_sd[n].shape
+    ]
+    problems = []
+    if mismatched:
+        problems.append("shape mismatch for " + "; ".join(mismatched))
+    if strict and missing:
+        problems.append(f"missing key(s): {', '.join(missing)}")
+    if strict and unexpected:
+        problems.append(f"unexpected key(s): {', '.join(unexpected)}")
+    if problems:
+        raise CheckpointError(f"{file} does not match {type(model).__name__}: " + " | ".join(problems))
+    with torch.no_grad():
+        for name, value in tensors.items():
+            if name in model_sd:
+                model_sd[name].copy_(value)
+    return model
+
+
+def load_model(path: str | os.PathLike, device=None, dtype=None, strict: bool = True) -> nn.Module:
+    """The model stored in checkpoint directory `path`, in eval mode, tokenizer attached.
+
+    Also accepts the authors' released layout (delegated to `calm.official.load_official`).
+    """
+    path = Path(path)
+    if path.is_dir() and not (path / COMPLETE_FILE).exists() and _looks_official(path):
+        try:
+            from calm.official import load_official
+        except ImportError as err:
+            raise CheckpointError(
+                f"{path} looks like an official CALM release, but calm.official is not available: {err}"
+            ) from err
+        return load_official(path, device=device, dtype=dtype)
+
+    path = resolve_checkpoint(path)
+    config = load_config(path)
+    _check_sizes(path)
+    from calm.models import build_model
+
+    model = build_model(config)
+    load_weights(model, path, strict=strict)
+    if dtype is None:
+        from safetensors import safe_open
+
+        with safe_open(str(path / WEIGHTS_FILE), framework="pt") as f:
+            float_dtypes = {f.get_slice(k).get_dtype() for k in f.keys()} & {"BF16", "F16"}
+        if len(float_dtypes) == 1:
+            dtype = {"BF16": torch.bfloat16, "F16": torch.float16}[float_dtypes.pop()]
+    if device is not None or dtype is not None:
+        model.to(device=device, dtype=dtype)
+    model.tokenizer = load_tokenizer(path)
+    return model.eval()
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The tokenizer saved in checkpoint (or prepared data) directory `path`, or None."""
+    path = Path(path)
+    if not any((path / name).exists() for name in TOKENIZER_FILES):
+        return None
+    from calm.tokenizer import Tokenizer
+
+    return Tokenizer.load(path)
+
+
+def load_train_state(path: str | os.PathLike) -> dict[str, Any]:
+    """The training state (optimizer, scheduler, step, RNG, config, metrics) of checkpoint `path`."""
+    path = resolve_checkpoint(path)
+    file = path / TRAIN_STATE_FILE
+    if not file.is_file():
+        raise CheckpointError(
+            f"{path} has no {TRAIN_STATE_FILE}: it is a model-only checkpoint, not resumable"
+        )
+    _check_sizes(path)
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CheckpointError(f"cannot read {file}: {err}") from err
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint of a training run directory, or None.
+
+    Prefers ``run_dir/checkpoint`` (always the latest save); otherwise the highest
+    ``run_dir/checkpoint-<step>``. `run_dir` may itself be a checkpoint.
+    """
+    run_dir = Path(run_dir)
+    if is_complete(run_dir):
+        return run_dir
+    try:
+        return resolve_checkpoint(run_dir / "checkpoint")
+    except CheckpointError:
+        pass
+    numbered = []
+    for p in run_dir.glob("checkpoint-*"):
+        suffix = p.name.split("-", 1)[1]
+        if suffix.isdigit() and is_complete(p):
+            numbered.append((int(suffix), p))
+    return max(numbered)[1] if numbered else None
