@@ -1,0 +1,474 @@
+"""Temperature sampling without logits (DESIGN §2.4).
+
+A CALM model has no logits: its energy head gives *samples* of the next chunk, never their
+probabilities. These functions turn any black-box sampler of a distribution P over chunks
+(K-token tuples) into a sampler of the tempered distribution
+
+    P_T(x) = P(x)^(1/T) / Z,    Z = sum_x P(x)^(1/T),    0 < T <= 1.
+
+Only sharpening is possible: T > 1 flattens P, and sampling P^(1/T) with 1/T < 1 needs the
+probabilities themselves, which a sampler does not give.
+
+Write 1/T = n + alpha with n = floor(1/T) >= 1 and 0 <= alpha < 1, and S_a = sum_x P(x)^a.
+
+* :func:`sample_exact` -- an exact rejection algorithm (n identical draws, then a Bernoulli
+  factory for P(x)^alpha). Its output has exactly the distribution P_T; its cost grows like
+  1 / S_(1/T), which explodes when P is flat, so it is bounded by ``max_draws``.
+* :func:`sample_approx` -- the batch approximation used in practice: draw N candidates once,
+  count identical chunks and pick one with a weight that estimates P(x)^(1/T). Asymptotically
+  unbiased as N grows, fully vectorised, never needs more than the N candidates.
+* :func:`chunk_counts` -- how many candidates in a row equal each candidate (used by both).
+
+Both samplers work for any sampler, not only a CALM model, on CPU and CUDA tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+__all__ = [
+    "SamplingLimitError",
+    "SamplingStats",
+    "approx_probabilities",
+    "chunk_counts",
+    "sample_approx",
+    "sample_exact",
+    "split_inverse_temperature",
+]
+
+# 1/T closer than this (relative) to an integer is treated as that integer: 1/(1/3) is 3.0 in
+# floating point, but user-supplied temperatures such as 0.333333333 should not produce a
+# Bernoulli factory for P(x)^1e-9.
+_INTEGER_RTOL = 1e-9
+
+
+class SamplingLimitError(RuntimeError):
+    """Raised by :func:`sample_exact` with ``on_limit="raise"`` when rows exhaust ``max_draws``."""
+
+
+@dataclass
+class SamplingStats:
+    """What :func:`sample_exact` did, per batch row.
+
+    Attributes:
+        draws: LongTensor [B], samples consumed by the algorithm for each row (its cost). A row
+            that finished in the middle of a ``draw(m)`` call ignores the rest of that call.
+        attempts: LongTensor [B], attempts started (an attempt is n draws that must agree).
+        hit_limit: BoolTensor [B], rows that reached ``max_draws`` without an accepted sample and
+            got the fallback chunk instead (the most frequent chunk among their draws).
+        calls: number of ``draw(m)`` calls made.
+        draws_per_call: the ``m`` passed to each call.
+    """
+
+    draws: torch.Tensor
+    attempts: torch.Tensor
+    hit_limit: torch.Tensor
+    calls: int
+    draws_per_call: int
+
+    @property
+    def num_hit_limit(self) -> int:
+        return int(self.hit_limit.sum())
+
+
+def split_inverse_temperature(temperature: float) -> tuple[int, float]:
+    """Validate ``temperature`` and return ``(n, alpha)`` with 1/T = n + alpha.
+
+    n = floor(1/T) >= 1 and 0 <= alpha < 1; 1/T within a relative 1e-9 of an integer counts as
+    that integer (alpha = 0).
+
+    Raises:
+        ValueError: T is NaN, T <= 0 or T > 1.
+        TypeError: T is not a real number.
+    """
+    if isinstance(temperature, bool):
+        raise TypeError(f"temperature must be a real number in (0, 1], got {temperature!r}")
+    try:
+        t = float(temperature)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise TypeError(f"temperature must be a real number in (0, 1], got {temperature!r}") from err
+    if math.isnan(t):
+        raise ValueError("temperature is NaN; it must be a number in (0, 1]")
+    if t <= 0:
+        raise ValueError(
+            f"temperature must be in (0, 1], got {t}: T <= 0 is not a distribution "
+            "(for the T -> 0 limit, greedy decoding, use a very small positive T or sample_approx)"
+        )
+    if t > 1:
+        raise ValueError(
+            f"temperature must be in (0, 1], got {t}: T > 1 would flatten P, and sampling from "
+            "P^(1/T) with 1/T < 1 needs the probabilities P(x) (logits) themselves; a sampler of "
+            "P without logits can only sharpen it (T <= 1)"
+        )
+    if math.isinf(1.0 / t):
+        raise ValueError(f"temperature {t} is too small: 1/T overflows")
+    inv = 1.0 / t
+    n = round(inv)
+    if abs(inv - n) <= _INTEGER_RTOL * inv:
+        return int(n), 0.0
+    n = math.floor(inv)
+    return int(n), inv - n
+
+
+# ----------------------------------------------------------------------------------------------
+# counting identical chunks
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_chunks(x: torch.Tensor, name: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of token ids [B, N, K], got {type(x).__name__}")
+    if x.dim() != 3:
+        raise ValueError(
+            f"{name} must have shape [B, N, K] (batch rows, chunks per row, tokens per chunk); "
+            f"got a {x.dim()}-d tensor of shape {tuple(x.shape)}"
+        )
+    if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer token ids (a LongTensor), got dtype {x.dtype}")
+    if x.shape[1] == 0 or x.shape[2] == 0:
+        raise ValueError(f"{name} must have at least one chunk of at least one token, got {tuple(x.shape)}")
+
+
+def _sort_chunks(candidates: torch.Tensor) -> torch.Tensor:
+    """Permutation [B, N] that sorts each row's chunks lexicographically.
+
+    LSD radix sort with stable sorts. Token ids are packed into 62-bit keys, as many per key as
+    fit (all four tokens of a chunk for vocabularies up to 2^15, two for Llama-3's 128k), so
+    this needs ceil(K / tokens-per-key) sorts.
+    """
+    B, N, K = candidates.shape
+    x = candidates.long()
+    lo, hi = torch.aminmax(x)  # one host sync
+    lo, hi = int(lo), int(hi)
+    bits = max(1, (hi - lo).bit_length())
+    per_key = max(1, 62 // bits)
+    perm = torch.arange(N, device=candidates.device).expand(B, N)
+    for stop in range(K, 0, -per_key):
+        start = max(0, stop - per_key)
+        key = torch.zeros(B, N, dtype=torch.long, device=candidates.device)
+        for k in range(start, stop):
+            key = (key << bits) | (x[:, :, k] - lo) if per_key > 1 else x[:, :, k]
+        order = torch.sort(key.gather(1, perm), dim=1, stable=True).indices
+        perm = perm.gather(1, order)
+    return perm
+
+
+def chunk_counts(candidates: torch.Tensor) -> torch.Tensor:
+    """How many candidates in the same row equal each candidate (all K tokens equal).
+
+    Args:
+        candidates: integer tensor [B, N, K].
+
+    Returns:
+        LongTensor [B, N]: ``counts[b, i] = #{j : candidates[b, j] == candidates[b, i]}`` (>= 1).
+
+    Vectorised over rows with K stable sorts (O(B·N·log N) time, O(B·N·K) memory), so it works for
+    any vocabulary size (no packing of the K ids into one integer) on CPU and CUDA.
+    """
+    _check_chunks(candidates, "candidates")
+    B, N, K = candidates.shape
+    perm = _sort_chunks(candidates)
+    ordered = candidates.gather(1, perm.unsqueeze(-1).expand(B, N, K))
+    new_group = torch.ones(B, N, dtype=torch.bool, device=candidates.device)
+    new_group[:, 1:] = (ordered[:, 1:] != ordered[:, :-1]).any(-1)
+    group = new_group.long().cumsum(1) - 1  # group id of each sorted position, 0..N-1
+    sizes = torch.zeros(B, N, dtype=torch.long, device=candidates.device)
+    sizes.scatter_add_(1, group, torch.ones_like(group))
+    counts_sorted = sizes.gather(1, group)
+    return torch.empty_like(counts_sorted).scatter_(1, perm, counts_sorted)
+
+
+# ----------------------------------------------------------------------------------------------
+# exact algorithm
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_block(block: object, m: int, shape: tuple[int, int] | None) -> torch.Tensor:
+    if not isinstance(block, torch.Tensor):
+        raise TypeError(f"draw({m}) must return a LongTensor [B, {m}, K], got {type(block).__name__}")
+    if block.dim() != 3 or block.shape[1] != m:
+        raise ValueError(f"draw({m}) must return a tensor of shape [B, {m}, K], got {tuple(block.shape)}")
+    _check_chunks(block, f"draw({m})'s result")
+    if shape is not None and (block.shape[0], block.shape[2]) != shape:
+        raise ValueError(
+            f"draw({m}) returned shape {tuple(block.shape)}, but an earlier call returned "
+            f"[{shape[0]}, m, {shape[1]}]: every call must serve the same batch rows and chunk size"
+        )
+    return block
+
+
+def sample_exact(
+    draw: Callable[[int], torch.Tensor],
+    temperature: float,
+    *,
+    max_draws: int = 1024,
+    generator: torch.Generator | None = None,
+    on_limit: str = "fallback",
+    draws_per_call: int | None = None,
+    return_stats: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, SamplingStats]:
+    """Sample chunks exactly from P^(1/T)/Z using only a sampler of P.
+
+    Args:
+        draw: ``draw(m)`` returns m i.i.d. samples of P for every batch row, an integer tensor
+            [B, m, K]. It is always called for the full batch; rows that already finished ignore
+            their samples. Rows may have different distributions P_b.
+        temperature: T in (0, 1]. T = 1 is a single ``draw(1)``.
+        max_draws: bound on the samples the algorithm consumes per row (see "Limit" below).
+        generator: ``torch.Generator`` for the algorithm's own coin flips (the Bernoulli factory);
+            it must live on the device of the drawn tensors. The sampler ``draw`` keeps its own
+            randomness.
+        on_limit: ``"fallback"`` (default) or ``"raise"``; what to do when a row hits ``max_draws``.
+        draws_per_call: m for each ``draw(m)`` call; default n + (1 if alpha > 0 else 0), capped
+            at ``max_draws``. Larger m means fewer, bigger calls (and more wasted samples).
+        return_stats: also return a :class:`SamplingStats`.
+
+    Returns:
+        LongTensor [B, K] (same dtype and device as the draws), and the stats if requested.
+
+    Algorithm (1/T = n + alpha, n >= 1, 0 <= alpha < 1). Each row reads its own stream of
+    samples, in order, and repeats *attempts*:
+
+    1. Attempt: read samples until n have been read or one differs from the first (x*). If one
+       differs, the attempt fails (that sample is discarded -- it is not a fresh draw of P) and
+       a new one starts. Stopping at the first disagreement gives the same outcome as reading
+       all n, for less. An attempt succeeds with probability S_n and, given success,
+       x* = x with probability P(x)^n / S_n.
+    2. If alpha = 0, accept x*. Otherwise a Bernoulli factory for P(x*)^alpha: for i = 1, 2, ...
+       read a sample; if it equals x*, accept x*; else with probability alpha/i reject (start a
+       new attempt), else go on. With p = P(x*), q = 1 - p, it accepts with probability
+       p · sum_k q^k prod_{i<=k}(1 - alpha/i) = p · (1 - q)^(alpha - 1) = p^alpha.
+
+    So a cycle accepts x with probability P(x)^(n+alpha) and the output is exactly P_T. The
+    batch is vectorised: all unfinished rows advance together, one sample per step.
+
+    Expected cost (samples per row). An attempt costs 1 + sum_{j=1}^{n-1} S_j in expectation
+    (sample j+1 is read only if the first j agreed); the factory, entered with x*, costs
+    sum_k q^k prod_{i<=k}(1 - alpha/i) = p^(alpha-1), i.e. S_(n+alpha-1) per cycle on average.
+    The number of cycles is geometric with success probability S_(n+alpha) = Z, hence
+
+        E[draws] = (1 + sum_{j=1}^{n-1} S_j + [alpha > 0] · S_(n+alpha-1)) / S_(n+alpha).
+
+    For integer 1/T = n this is (1 + S_1 + ... + S_(n-1)) / S_n. It is small for peaked P and
+    explodes for flat P (uniform over V chunks at T = 1/2: about V + 1 samples).
+
+    Limit. A row that has consumed ``max_draws`` samples without accepting stops. With
+    ``on_limit="fallback"`` it returns the most frequent chunk among those samples (ties: the one
+    drawn first) -- a low-temperature-like choice that is *not* distributed as P_T -- and the
+    row is reported in ``SamplingStats.hit_limit``. With ``on_limit="raise"`` a
+    :class:`SamplingLimitError` names how many rows failed.
+    """
+    n, alpha = split_inverse_temperature(temperature)
+    if isinstance(max_draws, bool) or not isinstance(max_draws, int) or max_draws < 1:
+        raise ValueError(f"max_draws must be a positive integer, got {max_draws!r}")
+    if on_limit not in ("fallback", "raise"):
+        raise ValueError(f"on_limit must be 'fallback' or 'raise', got {on_limit!r}")
+    if draws_per_call is None:
+        m = min(n + (1 if alpha > 0 else 0), max_draws)
+    else:
+        if isinstance(draws_per_call, bool) or not isinstance(draws_per_call, int) or draws_per_call < 1:
+            raise ValueError(f"draws_per_call must be a positive integer, got {draws_per_call!r}")
+        m = draws_per_call
+
+    block = _check_block(draw(m), m, None)
+    B, _, K = block.shape
+    device = block.device
+    calls = 1
+
+    if n == 1 and alpha == 0.0:  # T = 1: one sample of P
+        result = block[:, 0].clone()
+        ones = torch.ones(B, dtype=torch.long, device=device)
+        stats = SamplingStats(ones, ones.clone(), torch.zeros(B, dtype=torch.bool, device=device), calls, m)
+        return (result, stats) if return_stats else result
+
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    result = torch.zeros(B, K, dtype=block.dtype, device=device)
+    xstar = torch.zeros(B, K, dtype=block.dtype, device=device)
+    matched = torch.zeros(B, dtype=torch.long, device=device)  # samples of this attempt, all == x*
+    in_factory = torch.zeros(B, dtype=torch.bool, device=device)
+    factory_i = torch.zeros(B, dtype=torch.long, device=device)  # factory draws so far
+    draws = torch.zeros(B, dtype=torch.long, device=device)
+    attempts = torch.zeros(B, dtype=torch.long, device=device)
+    blocks = []  # every sample drawn, kept for the fallback
+
+    while True:
+        blocks.append(block)
+        for j in range(m):
+            active = ~done & (draws < max_draws)
+            s = block[:, j]
+            draws += active
+            same = (s == xstar).all(-1)
+            # attempt phase
+            att = active & ~in_factory
+            start = att & (matched == 0)
+            xstar = torch.where(start.unsqueeze(-1), s, xstar)
+            attempts += start
+            agree = start | (att & same)
+            matched = torch.where(agree, matched + 1, torch.where(att, 0, matched))
+            complete = att & (matched == n)
+            if alpha == 0.0:
+                accept = complete
+                matched = torch.where(complete, 0, matched)
+            else:
+                fac = active & in_factory
+                u = torch.rand(B, generator=generator, device=device, dtype=torch.float64)
+                i = factory_i + 1
+                accept = fac & same
+                reject = fac & ~same & (u * i < alpha)  # probability alpha / i
+                factory_i = torch.where(fac, i, factory_i)
+                in_factory = (in_factory & ~accept & ~reject) | complete
+                factory_i = torch.where(complete, 0, factory_i)
+                matched = torch.where(complete, 0, matched)
+            result = torch.where(accept.unsqueeze(-1), xstar, result)
+            done = done | accept
+        if not bool((~done & (draws < max_draws)).any()):  # one sync per call of draw
+            break
+        block = _check_block(draw(m), m, (B, K))
+        calls += 1
+
+    hit_limit = ~done
+    n_hit = int(hit_limit.sum())
+    if n_hit:
+        if on_limit == "raise":
+            raise SamplingLimitError(
+                f"{n_hit} of {B} rows drew max_draws={max_draws} samples at temperature "
+                f"{float(temperature):g} without an accepted chunk (the exact sampler's cost grows "
+                "like 1/sum_x P(x)^(1/T), which explodes for flat P). Raise max_draws or the "
+                "temperature, use sample_approx, or pass on_limit='fallback'."
+            )
+        stream = torch.cat(blocks, dim=1)[hit_limit][:, :max_draws]  # the samples each row consumed
+        mode = chunk_counts(stream).argmax(dim=1)  # first index of the largest count
+        fallback = stream[torch.arange(n_hit, device=device), mode]
+        result[hit_limit] = fallback
+    if return_stats:
+        return result, SamplingStats(draws, attempts, hit_limit, calls, m)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# batch approximation
+# ----------------------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=64)
+def _log_weight_table(N: int, m: int, alpha: float) -> torch.Tensor:
+    """log W_m(c) for c = 0..N (float64, CPU); -inf where c < m. See :func:`sample_approx`.
+
+    W_m(c) = C(c, m) · A_m(c), where A_m(c) is the probability that a Bernoulli factory for
+    p^alpha, fed the other N - m candidates in random order *without replacement* (c - m of them
+    equal to the chunk), accepts; running out of candidates counts as acceptance.
+    """
+    c = torch.arange(N + 1, dtype=torch.float64)
+    logw = torch.full((N + 1,), -math.inf, dtype=torch.float64)
+    ok = c >= m
+    cc = c[ok]
+    logw[ok] = torch.lgamma(cc + 1) - math.lgamma(m + 1) - torch.lgamma(cc - m + 1)
+    M = N - m  # pool size
+    if alpha == 0.0 or M == 0:
+        return logw
+    # j = N - c non-matching candidates in the pool, j = 0..M.  With s_k = prod_{i<=k}(1 - alpha/i)
+    # and r_k(j) = C(j, k)/C(M, k) (first k pool draws all non-matching):
+    #   A(j) = sum_{k<j} s_k r_k(j) (M - j)/(M - k) + s_j r_j(j).
+    k = torch.arange(M + 1, dtype=torch.float64)
+    s = torch.cat([torch.ones(1, dtype=torch.float64), torch.cumprod(1 - alpha / k[1:], 0)])
+    accept = torch.empty(M + 1, dtype=torch.float64)
+    rows = max(1, (1 << 22) // (M + 1))  # bound the temporary [rows, M+1] table to ~32 MB
+    for j0 in range(0, M + 1, rows):
+        j = torch.arange(j0, min(j0 + rows, M + 1), dtype=torch.float64).unsqueeze(1)
+        factors = ((j - k[:-1]) / (M - k[:-1])).clamp_min(0)  # [J, M]: (j - i)/(M - i), i = 0..M-1
+        r = torch.cat([torch.ones_like(j), torch.cumprod(factors, 1)], 1)  # r_k(j), k = 0..M
+        hit = ((M - j) / (M - k).clamp_min(1)) * (k < j)  # next pool draw matches, for k < j
+        last = (k == j).to(torch.float64)  # survived all j non-matches: accept
+        accept[j0 : j0 + j.shape[0]] = (s * r * (hit + last)).sum(1)
+    log_a = accept.clamp_min(torch.finfo(torch.float64).tiny).log()  # A > 0 exactly; guard rounding
+    logw[ok] = logw[ok] + log_a.flip(0)  # c = m..N  <->  j = M..0
+    return logw
+
+
+def _selection_logits(candidates: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Unnormalised log-probability [B, N] (float64) that :func:`sample_approx` returns candidate i."""
+    n, alpha = split_inverse_temperature(temperature)
+    _check_chunks(candidates, "candidates")
+    B, N, _ = candidates.shape
+    counts = chunk_counts(candidates)
+    if n == 1 and alpha == 0.0:  # T = 1: a uniformly chosen candidate is a sample of P
+        return torch.zeros(B, N, dtype=torch.float64, device=candidates.device)
+    level = counts.max(dim=1).values.clamp(max=n)  # m for each row: the top rung of the ladder
+    logits = torch.full((B, N), -math.inf, dtype=torch.float64, device=candidates.device)
+    for m in torch.unique(level).tolist():  # the one host sync of the call
+        table = _log_weight_table(N, int(m), alpha).to(candidates.device)
+        logits = torch.where((level == m).unsqueeze(1), table[counts], logits)
+    # a chunk with count c appears c times: spread its weight over its copies
+    return logits - counts.to(torch.float64).log()
+
+
+def approx_probabilities(candidates: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Probability [B, N] (float64) that :func:`sample_approx` returns candidate i of each row.
+
+    The probability of a *chunk* is the sum over its copies. Useful to compute the exact output
+    distribution of the approximation for a given candidate set (tests, diagnostics).
+    """
+    return torch.softmax(_selection_logits(candidates, temperature), dim=1)
+
+
+def sample_approx(
+    candidates: torch.Tensor,
+    temperature: float,
+    *,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Approximate P^(1/T)/Z sampling from N candidates per row drawn once from P.
+
+    Args:
+        candidates: integer tensor [B, N, K], N i.i.d. samples of P per row (rows may have
+            different P). N = 200 is roughly what the paper used at T = 0.5.
+        temperature: T in (0, 1]; 1/T = n + alpha. T = 1 returns a uniformly chosen candidate.
+        generator: ``torch.Generator`` (on the candidates' device) for the selection noise.
+
+    Returns:
+        Tensor [B, K] of the same dtype and device: one chunk per row.
+
+    Algorithm. For each row, count identical chunks (c(x) copies of chunk x among the N), set
+    m = min(n, max_x c(x)) -- the ladder "for m = n, n-1, ..., 1: use the first m that some
+    chunk reaches" -- and pick chunk x with probability proportional to
+
+        W_m(c) = C(c, m) · A_m(c)             (zero if c < m)
+
+    * Integer 1/T (alpha = 0): A = 1 and this is the paper's rule. C(c, n)/C(N, n) is an
+      *unbiased* estimate of P(x)^n (the fraction of n-subsets of the candidates that are all x).
+    * Fractional 1/T: A_m(c) is the probability that the Bernoulli factory of
+      :func:`sample_exact`, fed the N - m other candidates in random order without replacement
+      (c - m of which equal x), accepts (running out of candidates counts as acceptance). Then
+      W_n(c)/C(N, n) is an unbiased estimate of the degree-N truncation of the binomial series
+          P^n · (1 - Q)^alpha = P^n · (1 - sum_{k>=1} b_k Q^k),  Q = 1 - P,  b_k = (alpha/k)·prod_{i<k}(1 - alpha/i) > 0,
+      i.e. of P(x)^(n+alpha) up to a bias P^n · sum_{k>N-n} b_k Q^k >= 0 that vanishes
+      geometrically in N for every P(x) > 0 (and is at most P^n · prod_{i<=N-n}(1 - alpha/i)
+      ~ P^n (N-n)^-alpha uniformly). Always 0 < A <= 1, so no weight is negative, and a chunk
+      seen m times keeps a positive weight (so the ladder never leaves a row without a choice).
+      Lower rungs m < n use the same construction with m for n, targeting P^(m+alpha).
+
+    What is unbiased and what is only consistent: the per-chunk weights are unbiased (integer
+    1/T) or unbiased up to the exponentially small truncation bias above (fractional 1/T), but
+    the selection normalises them by their sum over the row, a ratio estimator, and the ladder
+    lowers the power when no chunk reaches n copies. The output distribution is therefore only
+    *consistent*: it converges to P^(1/T)/Z as N grows (each weight/N^n converges almost surely
+    to P(x)^(1/T) times a constant common to all chunks, and the ladder is used with vanishing
+    probability), with a bias at finite N that favours sampling at a higher effective
+    temperature when N is small compared with 1/S_n.
+
+    Cost: O(N log N) per row for the counts (K stable sorts), plus a cached O(N^2) table per
+    (N, m, alpha) on the host for fractional 1/T. The selection is Gumbel-max over the
+    candidates with one [B, N] float64 uniform tensor drawn from ``generator``; one host sync
+    per call (the set of ladder rungs in use).
+    """
+    logits = _selection_logits(candidates, temperature)
+    B, N, _ = candidates.shape
+    u = torch.rand(B, N, generator=generator, device=candidates.device, dtype=torch.float64)
+    gumbel = -torch.log(-torch.log(u))
+    index = (logits + gumbel).argmax(dim=1)
+    return candidates[torch.arange(B, device=candidates.device), index]

@@ -1,0 +1,427 @@
+"""Tests for calm.sampling: exact and approximate temperature sampling from a black-box sampler.
+
+Every test is deterministic (fixed seeds); statistical tolerances are derived from the sample
+size (chi-square p-values, z-scores on standard errors).
+"""
+
+import math
+from collections import Counter
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from calm.sampling import (
+    SamplingLimitError,
+    _log_weight_table,
+    approx_probabilities,
+    chunk_counts,
+    sample_approx,
+    sample_exact,
+    split_inverse_temperature,
+)
+
+# Eight K=4 chunks; several share long prefixes, so equality must look at all four tokens.
+SUPPORT = torch.tensor(
+    [
+        [1, 2, 3, 4],
+        [1, 2, 3, 5],
+        [1, 2, 6, 4],
+        [1, 7, 3, 4],
+        [8, 2, 3, 4],
+        [9, 9, 9, 9],
+        [0, 0, 0, 0],
+        [1, 2, 3, 0],
+    ]
+)
+PEAKED = torch.tensor([0.4, 0.25, 0.15, 0.1, 0.05, 0.03, 0.015, 0.005], dtype=torch.float64)
+FLAT = torch.full((8,), 1 / 8, dtype=torch.float64)
+TEMPERATURES = [1.0, 0.5, 1 / 3, 0.7, 0.4]
+P_MIN = 1e-3  # chi-square tests fail below this p-value
+
+
+class Sampler:
+    """A black-box sampler of chunks: row b draws from probs[b] over SUPPORT."""
+
+    def __init__(self, probs: torch.Tensor, seed: int, support: torch.Tensor = SUPPORT, record=False):
+        self.probs = probs.float()
+        self.support = support
+        self.gen = torch.Generator().manual_seed(seed)
+        self.calls: list[int] = []
+        self.record = record
+        self.blocks: list[torch.Tensor] = []
+
+    def __call__(self, m: int) -> torch.Tensor:
+        self.calls.append(m)
+        idx = torch.multinomial(self.probs, m, replacement=True, generator=self.gen)
+        block = self.support[idx]
+        if self.record:
+            self.blocks.append(block)
+        return block
+
+
+def support_index(chunks: torch.Tensor, support: torch.Tensor = SUPPORT) -> torch.Tensor:
+    eq = (chunks.unsqueeze(-2) == support).all(-1)
+    assert bool(eq.any(-1).all()), "sampler returned a chunk outside the support"
+    return eq.float().argmax(-1)
+
+
+def tempered(p: torch.Tensor, temperature: float) -> torch.Tensor:
+    q = p ** (1 / temperature)
+    return q / q.sum(-1, keepdim=True)
+
+
+def chisquare_pvalue(observed: torch.Tensor, probs: torch.Tensor) -> float:
+    """Chi-square goodness of fit; categories with expected count < 5 are pooled."""
+    impossible = probs == 0
+    assert float(observed[impossible].sum()) == 0, "observed an outcome of probability 0"
+    observed, probs = observed[~impossible], probs[~impossible]
+    total = float(observed.sum())
+    expected = probs / probs.sum() * total
+    small = expected < 5
+    obs, exp = observed[~small].tolist(), expected[~small].tolist()
+    if bool(small.any()):
+        obs.append(float(observed[small].sum()))
+        exp.append(float(expected[small].sum()))
+    if len(obs) < 2:
+        return 1.0
+    return float(chisquare(obs, exp).pvalue)
+
+
+def expected_exact_draws(p: torch.Tensor, temperature: float) -> float:
+    """E[draws] = (1 + S_1 + ... + S_(n-1) + [alpha>0] S_(n+alpha-1)) / S_(n+alpha), S_a = sum P^a.
+
+    Derivation: an attempt reads sample j+1 only if its first j samples agreed (probability
+    S_j), so it costs 1 + sum_{j<n} S_j; it succeeds with x* = x w.p. P(x)^n; the Bernoulli
+    factory then costs sum_k q^k prod_{i<=k}(1 - alpha/i) = p^(alpha-1) and accepts w.p.
+    p^alpha; cycles are i.i.d., so by Wald E[draws] = E[cycle cost] / P(cycle accepts).
+    """
+    n, alpha = split_inverse_temperature(temperature)
+
+    def s(a: float) -> float:
+        return float((p[p > 0] ** a).sum())
+
+    cycle = 1 + sum(s(j) for j in range(1, n)) + (s(n + alpha - 1) if alpha > 0 else 0.0)
+    return cycle / s(n + alpha)
+
+
+# ----------------------------------------------------------------------------------------------
+# temperature validation and input checks
+# ----------------------------------------------------------------------------------------------
+
+
+def test_split_inverse_temperature():
+    assert split_inverse_temperature(1.0) == (1, 0.0)
+    assert split_inverse_temperature(0.5) == (2, 0.0)
+    assert split_inverse_temperature(1 / 3) == (3, 0.0)
+    assert split_inverse_temperature(0.333333333333) == (3, 0.0)
+    n, alpha = split_inverse_temperature(0.4)
+    assert n == 2 and alpha == pytest.approx(0.5)
+    n, alpha = split_inverse_temperature(0.7)
+    assert n == 1 and alpha == pytest.approx(1 / 0.7 - 1)
+
+
+@pytest.mark.parametrize(
+    "temperature, message",
+    [(0, "T <= 0"), (-1, "T <= 0"), (1.5, "flatten"), (float("nan"), "NaN"), (float("inf"), "flatten")],
+)
+def test_bad_temperature(temperature, message):
+    candidates = SUPPORT[:3].unsqueeze(0)
+    with pytest.raises(ValueError, match=message):
+        sample_exact(Sampler(FLAT.expand(2, 8), 0), temperature)
+    with pytest.raises(ValueError, match=message):
+        sample_approx(candidates, temperature)
+    if temperature == 1.5:  # the message explains why T > 1 is impossible without logits
+        with pytest.raises(ValueError, match="probabilities"):
+            sample_approx(candidates, temperature)
+
+
+def test_bad_shapes():
+    with pytest.raises(ValueError, match=r"\[B, N, K\]"):
+        sample_approx(SUPPORT, 0.5)  # rank 2
+    with pytest.raises(ValueError, match=r"\[B, N, K\]"):
+        chunk_counts(SUPPORT[0])
+    with pytest.raises(TypeError, match="integer"):
+        sample_approx(SUPPORT.float().unsqueeze(0), 0.5)
+    with pytest.raises(ValueError, match=r"shape \[B, 2, K\]"):
+        sample_exact(lambda m: SUPPORT[:m], 0.5)  # draw returns [m, K]
+    with pytest.raises(ValueError, match=r"shape \[B, 2, K\]"):
+        sample_exact(lambda m: SUPPORT[:3].unsqueeze(0), 0.5)  # wrong m
+    with pytest.raises(ValueError, match="on_limit"):
+        sample_exact(Sampler(FLAT.expand(2, 8), 0), 0.5, on_limit="ignore")
+    with pytest.raises(ValueError, match="max_draws"):
+        sample_exact(Sampler(FLAT.expand(2, 8), 0), 0.5, max_draws=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# chunk_counts
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.long, torch.int32])
+def test_chunk_counts_matches_pairwise_comparison(dtype):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 3, (64, 40, 4), generator=gen)
+    x[:, :, :2] = 0  # many chunks differ only in their last two tokens
+    x[5] = 7  # a row of identical chunks
+    x[6] = torch.arange(160).view(40, 4)  # a row of distinct chunks
+    x = x.to(dtype)
+    brute = (x.unsqueeze(2) == x.unsqueeze(1)).all(-1).sum(-1)
+    counts = chunk_counts(x)
+    assert counts.dtype == torch.long
+    assert torch.equal(counts, brute)
+    assert torch.equal(chunk_counts(x[:, :1]), torch.ones(64, 1, dtype=torch.long))
+
+
+# ----------------------------------------------------------------------------------------------
+# sample_exact
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("temperature", TEMPERATURES)
+@pytest.mark.parametrize("name, probs, rows", [("peaked", PEAKED, 8000), ("flat", FLAT, 3000)])
+def test_exact_matches_target_and_expected_cost(name, probs, rows, temperature):
+    draw = Sampler(probs.expand(rows, 8), seed=1)
+    gen = torch.Generator().manual_seed(2)
+    out, stats = sample_exact(draw, temperature, max_draws=10_000, generator=gen, return_stats=True)
+    assert out.shape == (rows, 4) and out.dtype == torch.long
+    assert stats.num_hit_limit == 0
+    assert all(m == stats.draws_per_call for m in draw.calls) and stats.calls == len(draw.calls)
+
+    observed = torch.bincount(support_index(out), minlength=8).double()
+    target = tempered(probs, temperature)
+    assert chisquare_pvalue(observed, target) > P_MIN, (observed / rows, target)
+
+    draws = stats.draws.double()
+    expected = expected_exact_draws(probs, temperature)
+    if temperature == 1.0:
+        assert torch.all(stats.draws == 1) and stats.calls == 1
+    else:
+        se = float(draws.std()) / math.sqrt(rows)
+        assert abs(float(draws.mean()) - expected) < 5 * se, (float(draws.mean()), expected, se)
+
+
+def test_exact_mixed_rows_each_match_their_target():
+    rows, temperature = 6000, 0.4
+    probs = torch.stack([PEAKED, FLAT, PEAKED.flip(0)]).repeat(rows // 3, 1)
+    draw = Sampler(probs, seed=3)
+    out, stats = sample_exact(
+        draw, temperature, max_draws=10_000, generator=torch.Generator().manual_seed(4), return_stats=True
+    )
+    idx = support_index(out)
+    for kind in range(3):
+        p = probs[kind]
+        observed = torch.bincount(idx[kind::3], minlength=8).double()
+        assert chisquare_pvalue(observed, tempered(p, temperature)) > P_MIN
+        mean = float(stats.draws[kind::3].double().mean())
+        se = float(stats.draws[kind::3].double().std()) / math.sqrt(rows // 3)
+        assert abs(mean - expected_exact_draws(p, temperature)) < 5 * se
+
+
+def test_exact_t1_is_one_draw():
+    draw = Sampler(PEAKED.expand(5, 8), seed=0, record=True)
+    out = sample_exact(draw, 1.0)
+    assert draw.calls == [1]
+    assert torch.equal(out, draw.blocks[0][:, 0])
+
+
+def test_exact_is_reproducible_with_seeds():
+    outs = [
+        sample_exact(Sampler(PEAKED.expand(300, 8), seed=5), 0.7, generator=torch.Generator().manual_seed(6))
+        for _ in range(2)
+    ]
+    assert torch.equal(outs[0], outs[1])
+
+
+def _mode_first_seen(chunks: list[tuple]) -> tuple:
+    counts = Counter(chunks)
+    top = max(counts.values())
+    return next(c for c in chunks if counts[c] == top)
+
+
+def test_exact_limit_falls_back_to_most_frequent_draw_and_reports_it():
+    # 64 equally likely chunks at T = 1/4: an attempt succeeds with probability 64^-3, so the flat
+    # rows always hit max_draws; rows with a one-point distribution succeed in n = 4 draws.
+    support = torch.stack(torch.meshgrid(*[torch.arange(4)] * 3, indexing="ij"), -1).view(64, 3)
+    support = torch.cat([torch.full((64, 1), 5), support], 1)
+    flat, point = torch.full((64,), 1 / 64), torch.zeros(64)
+    point[17] = 1.0
+    probs = torch.stack([flat, point]).repeat(50, 1)  # rows alternate flat, point mass
+    draw = Sampler(probs, seed=7, support=support, record=True)
+    max_draws = 20
+    out, stats = sample_exact(draw, 0.25, max_draws=max_draws, return_stats=True)
+
+    is_flat = torch.arange(100) % 2 == 0
+    assert torch.equal(stats.hit_limit, is_flat)
+    assert stats.num_hit_limit == 50
+    assert torch.all(stats.draws[is_flat] == max_draws)
+    assert torch.all(stats.draws[~is_flat] == 4)
+    assert torch.all(out[~is_flat] == support[17])
+    stream = torch.cat(draw.blocks, 1)
+    for b in torch.nonzero(is_flat).flatten().tolist():
+        seen = [tuple(c) for c in stream[b, :max_draws].tolist()]
+        assert tuple(out[b].tolist()) == _mode_first_seen(seen)
+
+    with pytest.raises(SamplingLimitError, match=r"50 of 100 rows.*max_draws=20"):
+        sample_exact(Sampler(probs, seed=7, support=support), 0.25, max_draws=max_draws, on_limit="raise")
+
+
+# ----------------------------------------------------------------------------------------------
+# sample_approx
+# ----------------------------------------------------------------------------------------------
+
+
+def reference_selection_logits(row: list[tuple], temperature: float) -> list[float]:
+    """Straightforward one-row implementation of the documented rule, with math.comb.
+
+    Uses the other form of the acceptance probability, A = 1 - sum_{k<=j} b_k C(j,k)/C(M,k)
+    with b_k = (alpha/k) prod_{i<k}(1 - alpha/i), j = N - c, M = N - m.
+    """
+    n, alpha = split_inverse_temperature(temperature)
+    N = len(row)
+    counts = Counter(row)
+    if n == 1 and alpha == 0:
+        return [0.0] * N
+    m = min(n, max(counts.values()))
+    M = N - m
+
+    def accept(c: int) -> float:
+        j, total, b = N - c, 0.0, alpha
+        for k in range(1, j + 1):
+            total += b * math.comb(j, k) / math.comb(M, k)
+            b *= (k - alpha) / (k + 1)
+        return 1.0 - total
+
+    logits = []
+    for x in row:
+        c = counts[x]
+        logits.append(math.log(math.comb(c, m) * accept(c) / c) if c >= m else -math.inf)
+    return logits
+
+
+def mixed_candidates(rows: int, N: int, seed: int) -> torch.Tensor:
+    """Rows of different kinds: peaked, flat, all distinct (ladder to m=1), all identical."""
+    gen = torch.Generator().manual_seed(seed)
+    kinds = [PEAKED, FLAT, PEAKED.flip(0)]
+    out = []
+    for r in range(rows):
+        if r % 5 == 3:
+            out.append(torch.arange(N * 4).view(N, 4) + 100 * r)
+        elif r % 5 == 4:
+            out.append(SUPPORT[r % 8].expand(N, 4))
+        else:
+            idx = torch.multinomial(kinds[r % 5].float(), N, replacement=True, generator=gen)
+            out.append(SUPPORT[idx])
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5, 0.25, 0.4, 0.7, 0.3])
+def test_approx_equals_per_row_reference(temperature):
+    N, rows, seed = 24, 40, 11
+    cand = mixed_candidates(rows, N, seed)
+    out = sample_approx(cand, temperature, generator=torch.Generator().manual_seed(seed))
+    # same randomness: sample_approx draws one [B, N] float64 uniform tensor for Gumbel-max
+    u = torch.rand(rows, N, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    gumbel = -torch.log(-torch.log(u))
+    probs = approx_probabilities(cand, temperature)
+    for b in range(rows):
+        row = [tuple(c) for c in cand[b].tolist()]
+        logits = torch.tensor(reference_selection_logits(row, temperature), dtype=torch.float64)
+        assert torch.allclose(probs[b], torch.softmax(logits, 0), rtol=1e-9, atol=1e-12)
+        pick = int((logits + gumbel[b]).argmax())
+        assert row[pick] == tuple(out[b].tolist()), (b, temperature)
+
+
+def test_approx_samples_follow_selection_probabilities():
+    # One fixed candidate set, repeated: the sampled chunks follow approx_probabilities.
+    rows, N = 20_000, 30
+    gen = torch.Generator().manual_seed(12)
+    cand = SUPPORT[torch.multinomial(PEAKED.float(), N, replacement=True, generator=gen)]
+    idx = support_index(cand)
+    prob_chunk = torch.zeros(8, dtype=torch.float64).index_add_(
+        0, idx, approx_probabilities(cand[None], 0.4)[0]
+    )
+    out = sample_approx(cand.expand(rows, N, 4), 0.4, generator=torch.Generator().manual_seed(13))
+    observed = torch.bincount(support_index(out), minlength=8).double()
+    assert chisquare_pvalue(observed, prob_chunk) > P_MIN
+
+
+def test_fractional_weight_is_unbiased_for_truncated_series():
+    # E_c[W_n(c)] / C(N, n) over c ~ Binomial(N, p) equals p^n (1 - sum_{k<=N-n} b_k q^k), which is
+    # within p^n prod_{i<=N-n}(1 - alpha/i) of the target p^(n+alpha).
+    from scipy.stats import binom
+
+    for N, n, alpha in [(30, 2, 0.5), (50, 1, 0.3), (12, 3, 0.9)]:
+        w = _log_weight_table(N, n, alpha).exp()
+        c = torch.arange(N + 1)
+        for p in [0.02, 0.3, 0.8, 1.0]:
+            pmf = torch.tensor(binom.pmf(c.numpy(), N, p), dtype=torch.float64)
+            mean = float((pmf * w).sum()) / math.comb(N, n)
+            b, series, q = alpha, 1.0, 1 - p
+            for k in range(1, N - n + 1):
+                series -= b * q**k
+                b *= (k - alpha) / (k + 1)
+            assert mean == pytest.approx(p**n * series, rel=1e-9, abs=1e-15)
+            bound = p**n * math.prod(1 - alpha / i for i in range(1, N - n + 1))
+            slack = 1e-12 * p**n  # float rounding
+            assert -slack <= mean - p ** (n + alpha) <= bound + slack
+
+
+# Zipf-like distribution over 20 chunks: harder than SUPPORT for small N.
+ZIPF_SUPPORT = torch.cat([torch.arange(20).unsqueeze(1), torch.tensor([[3, 1, 4]]).expand(20, 3)], 1)
+ZIPF = 1 / torch.arange(1, 21, dtype=torch.float64)
+ZIPF = ZIPF / ZIPF.sum()
+
+
+def approx_output_distribution(N: int, temperature: float, rows: int, seed: int):
+    """Output distribution of sample_approx over ZIPF, averaged over `rows` candidate sets
+    (Rao-Blackwellised: exact given each set), and its standard error per chunk."""
+    gen = torch.Generator().manual_seed(seed)
+    per_row = []
+    step = max(1, 1_000_000 // N)
+    for start in range(0, rows, step):
+        b = min(step, rows - start)
+        idx = torch.multinomial(ZIPF, b * N, replacement=True, generator=gen).view(b, N)
+        probs = approx_probabilities(ZIPF_SUPPORT[idx], temperature)
+        per_row.append(torch.zeros(b, 20, dtype=torch.float64).scatter_add_(1, idx, probs))
+    per_row = torch.cat(per_row)
+    return per_row.mean(0), per_row.std(0) / math.sqrt(rows)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 0.4])
+def test_approx_total_variation_falls_with_n(temperature):
+    target = tempered(ZIPF, temperature)
+    tvs, noise = [], []
+    for N, rows in [(10, 2000), (50, 2000), (200, 4000), (1000, 6000)]:
+        dist, se = approx_output_distribution(N, temperature, rows, seed=N)
+        assert float(dist.sum()) == pytest.approx(1.0)
+        tvs.append(0.5 * float((dist - target).abs().sum()))
+        # 0.5 * sum of per-chunk standard errors: an upper bound on the scale of the Monte-Carlo
+        # error of the TV estimate (which inflates small TVs).
+        noise.append(0.5 * float(se.sum()))
+    for i in range(3):  # each step is a clear drop, not noise
+        assert tvs[i + 1] + 2 * noise[i + 1] < 0.75 * tvs[i], (tvs, noise)
+    # close to the target at large N, for integer and fractional 1/T alike
+    assert tvs[-1] < 0.005, (tvs, noise)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu_distribution():
+    dev = torch.device("cuda")
+    cand = mixed_candidates(20, 16, 0)
+    cpu = approx_probabilities(cand, 0.4)
+    gpu = approx_probabilities(cand.to(dev), 0.4)
+    assert torch.allclose(cpu, gpu.cpu(), rtol=1e-9, atol=1e-12)
+    out = sample_approx(cand.to(dev), 0.4, generator=torch.Generator(dev).manual_seed(0))
+    assert out.device.type == "cuda" and out.shape == (20, 4)
+    assert torch.equal(chunk_counts(cand.to(dev)).cpu(), chunk_counts(cand))
+
+    support, probs = SUPPORT.to(dev), PEAKED.float().to(dev).expand(4000, 8)
+    gen = torch.Generator(dev).manual_seed(1)
+
+    def draw(m):
+        return support[torch.multinomial(probs, m, replacement=True, generator=gen)]
+
+    res = sample_exact(draw, 0.4, generator=torch.Generator(dev).manual_seed(2))
+    observed = torch.bincount(support_index(res.cpu()), minlength=8).double()
+    assert chisquare_pvalue(observed, tempered(PEAKED, 0.4)) > P_MIN
