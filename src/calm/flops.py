@@ -1,0 +1,484 @@
+"""Parameter and FLOP accounting for CALM, the token baseline and the chunk autoencoder.
+
+Everything is computed analytically from the config (no model is built, so paper sizes cost
+nothing); the tests check the counts against instantiated modules (`numel`) and against
+`torch.utils.flop_counter.FlopCounterMode` on real forward and backward passes.
+
+Counting rules (they reproduce the paper's Table 1, DESIGN §2.5)
+----------------------------------------------------------------
+1. Parameters: every stored tensor once (a tied matrix counts once). A CALM model's "total"
+   excludes its frozen autoencoder, as the paper does; the autoencoder is reported separately.
+2. Matmul FLOPs = 2 × the weight-matrix entries a position's forward pass multiplies by.
+   Biases, norms, activations, softmax, rotary, residual adds, noise sampling and the
+   element-wise parts of the energy score are not counted (well under 1%). Embedding
+   lookups are free; a vocabulary projection (the baseline's LM head, the autoencoder
+   decoder's tied head) counts in full, tied or not.
+3. Attention scores: QKᵀ and A·V cost 2·2·T·d per layer per position, with T the context in
+   backbone positions (tokens for the baseline, chunks for CALM) taken in full, i.e. no
+   discount for the causal mask. Default T = the config's `max_seq_len`, 2048 for the paper
+   presets (for CALM that is 2048 chunks = 8192 tokens). This is what reproduces the paper's
+   numbers: with T = 512 chunks (2048 tokens) CALM-M would be 2.65e8 instead of 2.9e8
+   FLOPs/token and CALM-L 4.2e8 instead of 4.6e8. `include_attention=False` drops the term.
+4. Training = 3 × forward (forward, backward to activations, backward to weights) for the
+   trained parts, except the energy head's noise projection, whose input (the noise) needs
+   no gradient: 2 × forward. CALM's frozen autoencoder encoder, which encodes the target
+   chunks, runs forward only (1 ×); its decoder is not used in training.
+5. Energy head: N = `num_model_samples` forward passes per position in training and
+   `inference_samples` (default 1) at inference. The terms that depend on the hidden state
+   h alone are counted once per position, shared by the samples, because that is how
+   `calm.models.energy.EnergyHead` computes them: the projection `hidden_embd(h)` (d·d) and,
+   in every block, the h-half of the first Linear(2d→d) (d·d). Set
+   `SHARED_HIDDEN_TERMS = False` to count a naive head that repeats them per sample (as the
+   authors' code does by repeating h); CALM-M training then costs 8% more.
+   The energy score's N×M cross distances are one batched matmul, 2·N·M·l per position
+   forward and as much backward (the targets carry no gradient); this "energy_loss" term is
+   counted (it is ~0.01% of the total) so the count matches a measured training step exactly.
+6. Per text token: a CALM step produces K tokens, so per-step costs are divided by K. CALM
+   inference includes decoding each predicted vector with the autoencoder decoder, with its
+   K vocabulary projections. Baseline inference is one forward pass of backbone + LM head.
+7. Autoencoder alone: encoder + decoder forward per chunk / K; training 3 ×.
+
+The paper's figures (Table 1) and ours, with the defaults. Training FLOPs are compared as
+ratios to Transformer-S: the paper gives totals over its training budget, assumed common to
+all rows (its totals divided by our per-token counts give 4.9e11-5.3e11 tokens for every row).
+  model          params          inference FLOPs/token   training, rel. to Transformer-S
+                 paper   ours    paper    ours           paper   ours
+  Transformer-S  281M    282.0M  4.4e8    4.42e8         1       1
+  Transformer-M  465M    465.1M  7.9e8    8.02e8         1.80    1.81
+  Transformer-L  849M    847.0M  15.0e8   15.0e8         3.41    3.40
+  CALM-M         371M    371.7M  2.9e8    2.91e8         0.56    0.53
+  CALM-L         735M    735.3M  4.6e8    4.56e8         1.17    1.12
+  CALM-XL        1.82B   1.83B   9.4e8    9.71e8         2.95    2.99
+CALM training comes out a little cheaper than in the paper because our head shares its
+h-only terms between the N samples (rule 5); with SHARED_HIDDEN_TERMS = False CALM-M is 0.57.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from calm.config import (
+    PRESETS,
+    ARConfig,
+    AutoencoderConfig,
+    CALMConfig,
+    ConfigError,
+    apply_overrides,
+    config_from_dict,
+    preset,
+)
+
+# Rule 5: the energy head's h-only terms (hidden_embd and the h-half of each block's first linear
+# layer) are computed once per position and broadcast over the samples, as EnergyHead does.
+SHARED_HIDDEN_TERMS = True
+
+
+# ---------------------------------------------------------------------------------------------
+# Analytic counts: (stored parameters, weight-matrix entries used once per application)
+
+
+def backbone_counts(cfg) -> tuple[int, int]:
+    """Llama-style backbone: (parameters, matmul weights per position)."""
+    d, L = cfg.d_model, cfg.num_layers
+    head_dim = d // cfg.num_heads
+    q_o = 2 * d * cfg.num_heads * head_dim
+    k_v = 2 * d * cfg.kv_heads * head_dim
+    mlp = 3 * d * cfg.ffn_dim
+    matmul = L * (q_o + k_v + mlp)
+    norms = L * 2 * d + d
+    return matmul + norms, matmul
+
+
+def attention_flops(cfg, context: int) -> int:
+    """Attention-score FLOPs per position: QKᵀ and A·V over `context` keys in every layer."""
+    return 2 * 2 * context * cfg.num_heads * (cfg.d_model // cfg.num_heads) * cfg.num_layers
+
+
+def compression_counts(cfg: CALMConfig) -> tuple[int, int]:
+    """CALM input compression Linear(K·d→2d) → SiLU → Linear(2d→d) → LayerNorm."""
+    d, K = cfg.d_model, cfg.chunk_size
+    matmul = K * d * 2 * d + 2 * d * d
+    biases, layer_norm = 2 * d + d, 2 * d
+    return matmul + biases + layer_norm, matmul
+
+
+def energy_head_counts(cfg: CALMConfig) -> tuple[int, int, int]:
+    """Energy head: (parameters, matmul weights per sample, of which depend on h alone)."""
+    d, l, n = cfg.d_model, cfg.latent_dim, cfg.num_head_layers
+    noise_embd, hidden_embd = cfg.noise_dim * d, d * d
+    block = 2 * d * d + d * d + d * 2 * d + d * d  # Linear(2d→d), Linear(d→d), Linear(d→2d), down_proj
+    final = d * d + d * l
+    matmul = noise_embd + hidden_embd + n * block + final
+    biases = 2 * d + n * (d + d + 2 * d + d) + d + l
+    layer_norms = 2 * (2 * d) + n * 2 * d + 2 * d
+    h_only = hidden_embd + n * d * d  # hidden_embd, and the h-half of each block's Linear(2d→d)
+    return matmul + biases + layer_norms, matmul, h_only
+
+
+def autoencoder_counts(ae: AutoencoderConfig) -> dict[str, int]:
+    """Chunk autoencoder: parameters and matmul weights per chunk for encoder and decoder."""
+    d, K, l, V, half = ae.d_model, ae.chunk_size, ae.latent_dim, ae.vocab_size, ae.num_layers // 2
+    block_matmul = 3 * d * ae.ffn_dim  # SwiGLU of one residual block
+    block_params = block_matmul + d  # + its RMSNorm
+    embed = V * d  # tied with the decoder's vocabulary projection: stored once
+    enc_params = 2 * half * block_params + (K * d * d + d) + d + (d * 2 * l + 2 * l)
+    dec_params = (l * d + d) + 2 * half * block_params + (d * K * d + K * d) + d
+    enc_matmul = K * half * block_matmul + K * d * d + half * block_matmul + d * 2 * l
+    dec_matmul = l * d + half * block_matmul + d * K * d + K * half * block_matmul + K * V * d
+    return {
+        "embeddings": embed,
+        "encoder": enc_params,
+        "decoder": dec_params,
+        "total": embed + enc_params + dec_params,
+        "encoder_matmul": enc_matmul,
+        "decoder_matmul": dec_matmul,
+    }
+
+
+def count_parameters(module) -> int:
+    """Parameters of an instantiated module (shared tensors once), for cross-checks."""
+    return sum(p.numel() for p in module.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# Reports
+
+
+def _pick_autoencoder(cfg: CALMConfig, autoencoder_config) -> tuple[AutoencoderConfig, str]:
+    if autoencoder_config is not None:
+        ae, source = autoencoder_config, "given"
+    elif cfg.autoencoder:
+        ae, source = AutoencoderConfig.from_dict(cfg.autoencoder), "the CALM config"
+    else:
+        # What CALM(config) builds when its config names no autoencoder: default sizes with the
+        # CALM vocabulary, K and l. For the paper presets that is exactly the "ae-paper" preset.
+        ae = AutoencoderConfig(
+            vocab_size=cfg.vocab_size, chunk_size=cfg.chunk_size, latent_dim=cfg.latent_dim
+        )
+        same = [n for n, p in PRESETS.items() if isinstance(p, AutoencoderConfig) and p == ae]
+        source = (
+            "assumed, the CALM config names none: default AutoencoderConfig sizes, as CALM(config) builds"
+        )
+        if same:
+            source += f" (= preset {same[0]!r})"
+    for name in ("vocab_size", "chunk_size", "latent_dim"):
+        if getattr(ae, name) != getattr(cfg, name):
+            raise ConfigError(
+                f"autoencoder {name}={getattr(ae, name)} does not match the CALM model's {getattr(cfg, name)}"
+            )
+    return ae, source
+
+
+def flops_report(
+    config,
+    *,
+    autoencoder_config: AutoencoderConfig | None = None,
+    context: int | None = None,
+    include_attention: bool = True,
+    inference_samples: int = 1,
+    train_tokens: float | None = None,
+) -> dict[str, Any]:
+    """Parameters and FLOPs per text token for a CALM, AR or autoencoder config.
+
+    context: attention context in backbone positions (default `config.max_seq_len`).
+    inference_samples: energy-head samples (each decoded) per CALM step at inference, e.g. the
+        N candidates of the batch temperature sampler; 1 for plain sampling.
+    train_tokens: if given, also report the total training FLOPs for that many tokens.
+    Returns a JSON-serialisable dict; the counting rules are in the module docstring.
+    """
+    kind = config.kind
+    if kind not in ("calm", "ar", "autoencoder"):
+        raise ConfigError(f"no FLOP accounting for config kind {kind!r}")
+    if inference_samples < 1:
+        raise ConfigError("inference_samples must be >= 1")
+    notes: list[str] = []
+    params: dict[str, int] = {}
+    train: dict[str, float] = {}  # per text token
+    infer: dict[str, float] = {}
+    report: dict[str, Any] = {"kind": kind}
+
+    if kind == "autoencoder":
+        K = config.chunk_size
+        counts = autoencoder_counts(config)
+        params.update(embeddings=counts["embeddings"], encoder=counts["encoder"], decoder=counts["decoder"])
+        params["total"] = counts["total"]
+        enc, dec = 2 * counts["encoder_matmul"] / K, 2 * counts["decoder_matmul"] / K
+        train.update(encoder=3 * enc, decoder=3 * dec)
+        infer.update(encoder=enc, decoder=dec)
+        report.update(tokens_per_step=K, context=None, context_tokens=None, attention_included=False)
+        notes.append(
+            "no attention: every chunk is coded on its own; the decoder's tied vocabulary projection counts"
+        )
+    else:
+        T = config.max_seq_len if context is None else int(context)
+        if T < 1:
+            raise ConfigError("context must be >= 1")
+        bb_params, bb_matmul = backbone_counts(config)
+        attn = attention_flops(config, T) if include_attention else 0
+        d, V = config.d_model, config.vocab_size
+        if kind == "ar":
+            K = 1
+            lm_params = 0 if config.tie_embeddings else V * d
+            params.update(embeddings=V * d, backbone=bb_params, lm_head=lm_params)
+            params["total"] = V * d + bb_params + lm_params
+            fwd = {"backbone": 2 * bb_matmul, "attention": attn, "lm_head": 2 * V * d}
+            train.update({k: 3 * v for k, v in fwd.items()})
+            infer.update(fwd)
+            if config.tie_embeddings:
+                notes.append("LM head tied to the embedding: stored once, but its matmul counts")
+        else:
+            K = config.chunk_size
+            ae, ae_source = _pick_autoencoder(config, autoencoder_config)
+            ae_counts = autoencoder_counts(ae)
+            comp_params, comp_matmul = compression_counts(config)
+            head_params, head_matmul, h_only = energy_head_counts(config)
+            params.update(
+                embeddings=V * d, input_compression=comp_params, backbone=bb_params, energy_head=head_params
+            )
+            params["total"] = V * d + comp_params + bb_params + head_params
+            params["autoencoder"] = ae_counts["total"]
+            params["total_with_autoencoder"] = params["total"] + ae_counts["total"]
+            N = config.num_model_samples
+            shared = h_only if SHARED_HIDDEN_TERMS else 0
+            noise_proj = 2 * N * config.noise_dim * d  # forward FLOPs; backward: weight gradient only
+            head_train = 3 * (2 * (N * (head_matmul - shared) + shared) - noise_proj) + 2 * noise_proj
+            head_infer = 2 * (inference_samples * (head_matmul - shared) + shared)
+            step_train = {
+                "input_compression": 3 * 2 * comp_matmul,
+                "backbone": 3 * 2 * bb_matmul,
+                "attention": 3 * attn,
+                "energy_head": head_train,
+                "energy_loss": 2 * 2 * N * config.num_target_samples * config.latent_dim,  # fwd + bwd
+                "ae_encoder": 2 * ae_counts["encoder_matmul"],  # frozen, forward only
+            }
+            step_infer = {
+                "input_compression": 2 * comp_matmul,
+                "backbone": 2 * bb_matmul,
+                "attention": attn,
+                "energy_head": head_infer,
+                "ae_decoder": inference_samples * 2 * ae_counts["decoder_matmul"],
+            }
+            train.update({k: v / K for k, v in step_train.items()})
+            infer.update({k: v / K for k, v in step_infer.items()})
+            report["autoencoder"] = {"source": ae_source, "config": ae.to_dict()}
+            notes.append(
+                f"autoencoder config: {ae_source}; its {ae_counts['total'] / 1e6:.1f}M parameters "
+                "are excluded from the total, as in the paper"
+            )
+            notes.append(
+                f"energy head run N={N} times per position in training, {inference_samples} at inference; "
+                + (
+                    "its h-only terms (hidden_embd, h-half of each block's first linear) once per position"
+                    if SHARED_HIDDEN_TERMS
+                    else "all of it once per sample"
+                )
+            )
+            notes.append(
+                "training: frozen AE encoder forward only (targets); inference: AE decoder incl. its "
+                "vocabulary projection, per step; all per-step costs divided by K per text token"
+            )
+        report.update(
+            tokens_per_step=K, context=T, context_tokens=T * K, attention_included=include_attention
+        )
+        if include_attention:
+            unit = "chunks" if kind == "calm" else "tokens"
+            notes.append(f"attention scores counted over the full context of {T} {unit} (no causal discount)")
+
+    report["params"] = params
+    report["flops_per_token"] = {"train": train, "inference": infer}
+    report["train_flops_per_token"] = float(sum(train.values()))
+    report["inference_flops_per_token"] = float(sum(infer.values()))
+    if train_tokens is not None:
+        report["train_tokens"] = float(train_tokens)
+        report["train_flops_total"] = report["train_flops_per_token"] * float(train_tokens)
+    report["notes"] = notes
+    return report
+
+
+def predicted_speed_ratio(
+    calm_cfg: CALMConfig,
+    ar_cfg: ARConfig,
+    mode: str = "train",
+    *,
+    autoencoder_config: AutoencoderConfig | None = None,
+    context_tokens: int | None = None,
+    include_attention: bool = True,
+) -> float:
+    """AR FLOPs per token / CALM FLOPs per token ("train" or "inference"); > 1 means CALM is cheaper.
+
+    context_tokens: the same text window for both (AR attends over that many tokens, CALM over
+    ceil(context_tokens / K) chunks); by default each config's own `max_seq_len` is used.
+    """
+    if mode not in ("train", "inference"):
+        raise ValueError(f"mode must be 'train' or 'inference', not {mode!r}")
+    ar_ctx = calm_ctx = None
+    if context_tokens is not None:
+        ar_ctx, calm_ctx = context_tokens, math.ceil(context_tokens / calm_cfg.chunk_size)
+    key = f"{mode}_flops_per_token"
+    ar = flops_report(ar_cfg, context=ar_ctx, include_attention=include_attention)[key]
+    calm = flops_report(
+        calm_cfg, autoencoder_config=autoencoder_config, context=calm_ctx, include_attention=include_attention
+    )[key]
+    return ar / calm
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def load_target(target: str):
+    """A preset name or a checkpoint directory -> (config, label)."""
+    path = Path(target)
+    if path.is_dir():
+        cfg_file = path / "config.json"
+        if not cfg_file.is_file():
+            raise FileNotFoundError(f"{path} is a directory without config.json: not a checkpoint")
+        try:
+            data = json.loads(cfg_file.read_text())
+            return config_from_dict(data["kind"], data["config"]), str(path)
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ConfigError(f"{cfg_file}: expected {{'kind': ..., 'config': {{...}}}} ({err})") from err
+    if target in PRESETS:
+        return preset(target), target
+    raise ConfigError(
+        f"{target!r} is neither a checkpoint directory nor a preset; presets: {', '.join(sorted(PRESETS))}"
+    )
+
+
+def add_flops_arguments(parser) -> None:
+    parser.add_argument("target", nargs="?", help="a checkpoint directory or a preset name")
+    parser.add_argument("--preset", help="preset name (see --list)")
+    parser.add_argument("--list", action="store_true", help="list the presets with their sizes and exit")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a model config field (repeatable)",
+    )
+    parser.add_argument(
+        "--autoencoder", metavar="PRESET|DIR", help="autoencoder for a CALM model (default: its own)"
+    )
+    parser.add_argument(
+        "--context",
+        type=int,
+        default=None,
+        help="attention context in backbone positions (tokens for AR, chunks for CALM); default max_seq_len",
+    )
+    parser.add_argument("--no-attention", action="store_true", help="leave out attention-score FLOPs")
+    parser.add_argument(
+        "--samples", type=int, default=1, help="CALM head samples (decoded) per step at inference"
+    )
+    parser.add_argument(
+        "--train-tokens", type=float, default=None, help="also give total training FLOPs for this many tokens"
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _fmt_params(n: int) -> str:
+    return f"{n / 1e9:.3f}B" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n:,}"
+
+
+_LABELS = {
+    "embeddings": "embeddings",
+    "input_compression": "input compression",
+    "backbone": "backbone",
+    "lm_head": "LM head",
+    "energy_head": "energy head",
+    "attention": "attention scores",
+    "energy_loss": "energy score (N×M dists)",
+    "ae_encoder": "AE encoder (targets)",
+    "ae_decoder": "AE decoder",
+    "encoder": "encoder",
+    "decoder": "decoder",
+    "autoencoder": "autoencoder (separate)",
+    "total": "total",
+    "total_with_autoencoder": "total incl. autoencoder",
+}
+
+
+def format_report(report: dict[str, Any]) -> str:
+    lines = [f"{report.get('name', '')}  ({report['kind']}, {report['tokens_per_step']} token(s) per step)"]
+    if report.get("context"):
+        lines[0] += f", context {report['context']} positions = {report['context_tokens']} tokens"
+    lines.append("")
+    lines.append("parameters")
+    for key, value in report["params"].items():
+        lines.append(f"  {_LABELS.get(key, key):<26}{_fmt_params(value):>12}")
+    lines.append("")
+    lines.append(f"FLOPs per text token        {'train':>12}{'inference':>12}")
+    train, infer = report["flops_per_token"]["train"], report["flops_per_token"]["inference"]
+    for key in dict.fromkeys([*train, *infer]):
+        t = f"{train[key]:.3g}" if key in train else "-"
+        i = f"{infer[key]:.3g}" if key in infer else "-"
+        lines.append(f"  {_LABELS.get(key, key):<26}{t:>12}{i:>12}")
+    lines.append(
+        f"  {'total':<26}{report['train_flops_per_token']:>12.3g}{report['inference_flops_per_token']:>12.3g}"
+    )
+    if "train_flops_total" in report:
+        lines.append(
+            f"  training on {report['train_tokens']:.3g} tokens: {report['train_flops_total']:.3g} FLOPs"
+        )
+    lines.append("")
+    lines.append("notes")
+    lines += [f"  - {note}" for note in report["notes"]]
+    return "\n".join(lines)
+
+
+def _list_presets(as_json: bool) -> None:
+    rows = {}
+    for name in PRESETS:
+        cfg = preset(name)
+        rep = flops_report(cfg)
+        rows[name] = {
+            "kind": cfg.kind,
+            "d_model": cfg.d_model,
+            "num_layers": cfg.num_layers,
+            "params": rep["params"]["total"],
+            "inference_flops_per_token": rep["inference_flops_per_token"],
+            "train_flops_per_token": rep["train_flops_per_token"],
+        }
+    if as_json:
+        print(json.dumps(rows))
+        return
+    print(f"{'preset':<18}{'kind':<13}{'d':>6}{'layers':>8}{'params':>12}{'train/tok':>12}{'infer/tok':>12}")
+    for name, r in rows.items():
+        print(
+            f"{name:<18}{r['kind']:<13}{r['d_model']:>6}{r['num_layers']:>8}{_fmt_params(r['params']):>12}"
+            f"{r['train_flops_per_token']:>12.3g}{r['inference_flops_per_token']:>12.3g}"
+        )
+
+
+def run_flops(args) -> int:
+    if args.list:
+        _list_presets(args.json)
+        return 0
+    if bool(args.target) == bool(args.preset):
+        raise ConfigError(
+            "give exactly one of a checkpoint directory / preset name, or --preset NAME (or --list)"
+        )
+    cfg, label = load_target(args.preset or args.target)
+    cfg = apply_overrides(cfg, args.overrides)
+    ae = None
+    if args.autoencoder:
+        if cfg.kind != "calm":
+            raise ConfigError("--autoencoder only applies to CALM models")
+        ae, _ = load_target(args.autoencoder)
+        if ae.kind != "autoencoder":
+            raise ConfigError(f"--autoencoder {args.autoencoder!r} is a {ae.kind} config, not an autoencoder")
+    report = flops_report(
+        cfg,
+        autoencoder_config=ae,
+        context=args.context,
+        include_attention=not args.no_attention,
+        inference_samples=args.samples,
+        train_tokens=args.train_tokens,
+    )
+    report = {"name": label, **report, "config": dataclasses.asdict(cfg)}
+    print(json.dumps(report) if args.json else format_report(report))
+    return 0
