@@ -362,13 +362,15 @@ def add_flops_arguments(parser) -> None:
         help="override a model config field (repeatable)",
     )
     parser.add_argument(
-        "--autoencoder", metavar="PRESET|DIR", help="autoencoder for a CALM model (default: its own)"
+        "--autoencoder",
+        metavar="PRESET|DIR",
+        help="autoencoder for a CALM model instead of the one its config names",
     )
     parser.add_argument(
         "--context",
         type=int,
         default=None,
-        help="attention context in backbone positions (tokens for AR, chunks for CALM); default max_seq_len",
+        help="attention context in backbone positions (tokens for AR, chunks for CALM); None = max_seq_len",
     )
     parser.add_argument("--no-attention", action="store_true", help="leave out attention-score FLOPs")
     parser.add_argument(
