@@ -255,7 +255,7 @@ def sample_exact(
         E[draws] = (1 + sum_{j=1}^{n-1} S_j + [alpha > 0] · S_(n+alpha-1)) / S_(n+alpha).
 
     For integer 1/T = n this is (1 + S_1 + ... + S_(n-1)) / S_n. It is small for peaked P and
-    explodes for flat P (uniform over V chunks at T = 1/2: about V + 1 samples).
+    explodes for flat P (uniform over V chunks at T = 1/2: 2V samples).
 
     Limit. A row that has consumed ``max_draws`` samples without accepting stops. With
     ``on_limit="fallback"`` it returns the most frequent chunk among those samples (ties: the one
