@@ -1,0 +1,168 @@
+"""CALM language model (stage 2, DESIGN §2.2): next-vector prediction over chunks of K tokens.
+
+    tokens [B, T] ─ chunks [B, C, K] ─ embed + compress ─ backbone ─ h [B, C, d] ─ energy head ─ z̃
+                                                                        ↑ h at chunk i predicts chunk i+1
+
+The input at step i is chunk i's K *tokens* (embedded, flattened and compressed to d), not
+its latent vector. The training target of step i is the frozen autoencoder's posterior of
+chunk i+1, from which M vectors are drawn; the head draws N vectors and the energy loss
+compares the two sets. The autoencoder is frozen (no gradients, always in eval mode) and
+part of the module, so a CALM checkpoint carries it and one directory is enough to generate.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from calm.config import AutoencoderConfig, CALMConfig, ConfigError
+from calm.models.autoencoder import ChunkAutoencoder
+from calm.models.energy import EnergyHead, energy_loss
+from calm.models.layers import init_weights
+from calm.models.transformer import Backbone, KVCache
+
+
+def _autoencoder_config(config: CALMConfig) -> AutoencoderConfig:
+    """The frozen AE's config: `config.autoencoder`, or one matching the CALM sizes if empty."""
+    if config.autoencoder:
+        ae = AutoencoderConfig.from_dict(dict(config.autoencoder))
+    else:
+        ae = AutoencoderConfig(
+            vocab_size=config.vocab_size, chunk_size=config.chunk_size, latent_dim=config.latent_dim
+        )
+    _check_compatible(config, ae)
+    return ae
+
+
+def _check_compatible(config: CALMConfig, ae: AutoencoderConfig) -> None:
+    for name in ("vocab_size", "chunk_size", "latent_dim"):
+        if getattr(config, name) != getattr(ae, name):
+            raise ConfigError(
+                f"CALM config has {name}={getattr(config, name)} but its autoencoder has "
+                f"{name}={getattr(ae, name)}; they must agree (set {name}={getattr(ae, name)})"
+            )
+
+
+class CALM(nn.Module):
+    """Continuous autoregressive LM: compressed chunk inputs, Transformer backbone, energy head."""
+
+    def __init__(self, config: CALMConfig):
+        super().__init__()
+        ae_config = _autoencoder_config(config)
+        if not config.autoencoder:
+            config = config.replace(autoencoder=ae_config.to_dict())
+        self.config = config
+        d, K = config.d_model, config.chunk_size
+        self.embed = nn.Embedding(config.vocab_size, d)
+        self.compress = nn.Sequential(
+            nn.Linear(K * d, 2 * d), nn.SiLU(), nn.Linear(2 * d, d), nn.LayerNorm(d, eps=config.norm_eps)
+        )
+        self.backbone = Backbone(config)
+        init_weights(self)  # embed, compress, backbone: N(0, 0.02)
+        self.head = EnergyHead(d, config.latent_dim, config.noise_dim, config.num_head_layers)
+        self.autoencoder = ChunkAutoencoder(ae_config)
+        self.autoencoder.requires_grad_(False)
+        self.autoencoder.eval()
+
+    @classmethod
+    def from_autoencoder(cls, config: CALMConfig, autoencoder: ChunkAutoencoder) -> CALM:
+        """A fresh CALM whose frozen autoencoder is a copy of the trained `autoencoder`."""
+        _check_compatible(config, autoencoder.config)
+        model = cls(config.replace(autoencoder=autoencoder.config.to_dict()))
+        model.autoencoder.load_state_dict(autoencoder.state_dict())
+        return model
+
+    def train(self, mode: bool = True) -> CALM:
+        """As `nn.Module.train`, except that the frozen autoencoder always stays in eval mode."""
+        super().train(mode)
+        self.autoencoder.eval()
+        return self
+
+    def fsdp_units(self) -> list[nn.Module]:
+        """Sub-modules to shard one by one under FSDP2 (the backbone's Transformer blocks)."""
+        return list(self.backbone.layers)
+
+    # -- inputs and hidden states ---------------------------------------------------------------
+    def to_chunks(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[B, T] -> [B, T/K, K] (T must be a multiple of K)."""
+        return self.autoencoder.to_chunks(tokens)
+
+    def chunk_inputs(self, chunks: torch.Tensor, token_valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Backbone inputs for token chunks [B, C, K] -> [B, C, d].
+
+        token_valid: [B, C, K] bool, False for pad tokens; their embeddings are zeroed, so a
+        left-padded partial chunk carries only its real tokens.
+        """
+        e = self.embed(chunks)  # [B, C, K, d]
+        if token_valid is not None:
+            e = e * token_valid.unsqueeze(-1).to(e.dtype)
+        return self.compress(e.flatten(-2))
+
+    def hidden(
+        self,
+        tokens: torch.Tensor,
+        *,
+        token_valid: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        valid: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Hidden states [B, C, d]; the state at chunk i predicts chunk i+1.
+
+        tokens: [B, T] (T a multiple of K) or chunks [B, C, K]; token_valid has the same shape.
+        positions, valid, cache: passed to the backbone (chunk-level position ids, chunk-level
+        validity for left padding, and a `KVCache` for incremental decoding).
+        """
+        if tokens.dim() == 2:
+            tokens = self.to_chunks(tokens)
+            if token_valid is not None:
+                token_valid = self.to_chunks(token_valid)
+        x = self.chunk_inputs(tokens, token_valid)
+        return self.backbone(x, positions=positions, valid=valid, cache=cache)
+
+    def new_cache(self, batch_size: int, max_len: int | None = None, device=None, dtype=None) -> KVCache:
+        """A KV cache for `batch_size` rows of at most `max_len` chunks."""
+        return self.backbone.new_cache(batch_size, max_len, device, dtype)
+
+    # -- sampling -------------------------------------------------------------------------------
+    def sample_latents(
+        self, hidden: torch.Tensor, num_samples: int = 1, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Head samples: hidden [..., d] -> latent vectors [..., num_samples, l]."""
+        return self.head.sample(hidden, num_samples, generator=generator)
+
+    @torch.no_grad()
+    def sample_chunks(
+        self, hidden: torch.Tensor, num_samples: int = 1, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Sampled next chunks: hidden [..., d] -> tokens [..., num_samples, K] (AE decoder argmax)."""
+        return self.autoencoder.decode(self.sample_latents(hidden, num_samples, generator))
+
+    # -- training objective ---------------------------------------------------------------------
+    def loss(self, tokens: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Mean energy loss over chunk positions 1..C-1 of windows `tokens` [B, T]."""
+        c = self.config
+        chunks = self.to_chunks(tokens)
+        B, C, _ = chunks.shape
+        if C < 2:
+            raise ValueError(
+                f"a training window needs at least 2 chunks of {c.chunk_size} tokens, got {tokens.shape[-1]} tokens"
+            )
+        # The last chunk is only ever a target: its hidden state would predict nothing.
+        h = self.hidden(chunks[:, :-1])  # [B, C-1, d]
+        with torch.no_grad():
+            mu, log_std = self.autoencoder.encode(chunks[:, 1:])
+            mu, std = mu.float(), log_std.float().exp()
+            # Targets y_m = μ + σ ε_m, kept relative to μ (distances are shift-invariant; the
+            # shifted vectors are small, which keeps the matmul distance identity accurate).
+            eps = torch.randn((B, C - 1, c.num_target_samples, c.latent_dim), device=mu.device)
+            targets = eps.mul_(std.unsqueeze(-2))
+        samples = self.head.sample(h, c.num_model_samples)  # [B, C-1, N, l]
+        per_pos, fidelity, diversity = energy_loss(
+            samples.float() - mu.unsqueeze(-2), targets, c.energy_alpha, return_parts=True, center=False
+        )
+        loss = per_pos.mean()
+        return loss, {"fidelity": fidelity.detach().mean(), "diversity": diversity.detach().mean()}
+
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        return self.loss(tokens)
