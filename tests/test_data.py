@@ -416,6 +416,16 @@ def test_random_offset_is_seeded_and_stays_in_range(shards):
         assert starts.min() >= 0 and starts.max() + T <= len(shards)
 
 
+def test_token_shards_pickle_by_path(shards):
+    import pickle
+
+    blob = pickle.dumps(shards)
+    assert len(blob) < 1000  # not a copy of the tokens
+    again = pickle.loads(blob)
+    assert len(again) == len(shards) and np.array_equal(np.asarray(again.tokens), np.asarray(shards.tokens))
+    assert torch.equal(batch_for_step(again, 3, 4, 16, seed=0), batch_for_step(shards, 3, 4, 16, seed=0))
+
+
 def test_too_short_for_a_window(shards):
     with pytest.raises(DataError, match="fewer than one window"):
         batch_for_step(shards, 0, 2, len(shards) + 1, seed=0)

@@ -895,6 +895,13 @@ class TokenShards:
     def __len__(self) -> int:
         return int(self.tokens.shape[0])
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Pickled (e.g. into DataLoader workers) as the path: the memmap is reopened, not copied.
+        return {"data_dir": self.data_dir, "split": self.split}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["data_dir"], state["split"])
+
     def __repr__(self) -> str:
         return f"TokenShards({str(self.data_dir)!r}, split={self.split!r}, tokens={len(self)}, dtype={self.dtype.name})"
 
