@@ -351,8 +351,9 @@ def train(
         out_dir.mkdir(parents=True, exist_ok=True)
         _rewrite_metrics(metrics_path, history)  # on resume: drop lines logged after the checkpoint
 
-    # -- validation windows (fixed for the whole run), split across ranks ---------------------
-    val_count = cfg.eval_batches * micro * info.world_size if cfg.eval_every > 0 else 0
+    # -- validation: the first eval_batches x batch_size windows of the val split, fixed for the
+    # whole run and independent of world size and accumulation; split across ranks -------------
+    val_count = cfg.eval_batches * cfg.batch_size if cfg.eval_every > 0 else 0
     val = data.val_windows(cfg.block_size, val_count) if val_count else torch.zeros(0, cfg.block_size)
     val = val[: len(val) - len(val) % info.world_size][info.rank :: info.world_size]
 
