@@ -616,11 +616,41 @@ def _parameters_on_meta() -> Iterator[None]:
             param = nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
         original(module, name, param)
 
+    # Initialisers are pointless on meta tensors, and the first one costs seconds (it imports
+    # torch's reference decompositions): skip them there.
+    def skip_on_meta(fn):
+        def init(tensor, *args, **kwargs):
+            if isinstance(tensor, torch.Tensor) and tensor.device.type == "meta":
+                return tensor
+            return fn(tensor, *args, **kwargs)
+
+        return init
+
+    inits = {n: getattr(nn.init, n) for n in _INIT_FUNCTIONS if hasattr(nn.init, n)}
     nn.Module.register_parameter = register
+    for n, fn in inits.items():
+        setattr(nn.init, n, skip_on_meta(fn))
     try:
         yield
     finally:
         nn.Module.register_parameter = original
+        for n, fn in inits.items():
+            setattr(nn.init, n, fn)
+
+
+_INIT_FUNCTIONS = (
+    "normal_",
+    "uniform_",
+    "trunc_normal_",
+    "constant_",
+    "zeros_",
+    "ones_",
+    "xavier_uniform_",
+    "xavier_normal_",
+    "kaiming_uniform_",
+    "kaiming_normal_",
+    "orthogonal_",
+)
 
 
 def _tie_groups(model: nn.Module) -> list[list[str]]:
