@@ -356,6 +356,10 @@ def train(
     val_count = cfg.eval_batches * cfg.batch_size if cfg.eval_every > 0 else 0
     val = data.val_windows(cfg.block_size, val_count) if val_count else torch.zeros(0, cfg.block_size)
     val = val[: len(val) - len(val) % info.world_size][info.rank :: info.world_size]
+    if val_count and not len(val) and main:
+        _say(
+            f"note: no validation windows of {cfg.block_size} tokens in the data; validation loss is not computed"
+        )
 
     tokens_per_step = cfg.batch_size * cfg.block_size
     amp = autocast_context(device, cfg.dtype)
@@ -525,7 +529,7 @@ def train(
         "step": done,
         "steps": cfg.steps,
         "loss": last_train.get("loss"),
-        **{k: v for k, v in last_val.items()},
+        **last_val,
         "tokens": done * tokens_per_step,
         "elapsed_s": elapsed(),
         "checkpoint": str(ckpt_path),
@@ -543,7 +547,7 @@ def _global_means(avg: _Averager) -> dict[str, float]:
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return avg.means()
     vec = torch.stack(
-        [torch.as_tensor(avg.sums[k], dtype=torch.float64).reshape(()) for k in keys]
+        [torch.as_tensor(avg.sums[k]).detach().double().cpu().reshape(()) for k in keys]
         + [torch.tensor(float(avg.count), dtype=torch.float64)]
     )
     dev = (
@@ -587,7 +591,7 @@ def read_metrics(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
 
 def _add_common_arguments(parser, default_preset: str, presets_help: str) -> None:
     parser.add_argument(
-        "--data", required=True, metavar="PREPARED_DIR", help="data set written by `calm prepare`"
+        "--data", required=True, metavar="PREPARED_DIR", help="data set written by `calm prepare` (required)"
     )
     parser.add_argument(
         "--out", required=True, metavar="RUN_DIR", help="run directory: checkpoint/ (latest), metrics.jsonl"
@@ -608,10 +612,22 @@ def _add_common_arguments(parser, default_preset: str, presets_help: str) -> Non
         help="continue exactly from RUN_DIR/checkpoint (configs come from the checkpoint; "
         "training fields such as --steps may still be changed)",
     )
-    parser.add_argument("--steps", type=int, help="optimizer steps (TrainConfig.steps)")
-    parser.add_argument("--batch-size", type=int, help="global batch in windows (TrainConfig.batch_size)")
-    parser.add_argument("--block-size", type=int, help="tokens per window (TrainConfig.block_size)")
-    parser.add_argument("--lr", type=float, help="peak learning rate (TrainConfig.lr)")
+    parser.add_argument(
+        "--steps", type=int, help=f"optimizer steps; None = TrainConfig.steps ({TrainConfig.steps})"
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        help=f"global batch in windows; None = TrainConfig.batch_size ({TrainConfig.batch_size})",
+    )
+    parser.add_argument(
+        "--block-size",
+        type=int,
+        help=f"tokens per window; None = TrainConfig.block_size ({TrainConfig.block_size})",
+    )
+    parser.add_argument(
+        "--lr", type=float, help=f"peak learning rate; None = TrainConfig.lr ({TrainConfig.lr})"
+    )
     parser.add_argument(
         "--device", default="auto", help="auto (this rank's GPU, else CPU), cpu, cuda, cuda:1, ..."
     )
