@@ -1,0 +1,454 @@
+"""`calm quickstart`: the whole CALM pipeline end to end on a small default, with a report.
+
+prepare data -> train the chunk autoencoder -> train CALM on it -> train the token baseline
+with the same backbone -> BrierLM for both on held-out text -> samples at T = 1 and T = 0.5
+-> OUT/report/report.md with PNG plots (training curves, BrierLM against training FLOPs,
+autoencoder accuracy against latent noise).
+
+Default data: the files given with ``--data``; with none, an embedded corpus that needs no
+network: the English reference text that ships inside CPython (`pydoc_data.topics`, the text
+of `help("if")` and friends: 79 topics, ~0.46 MB). Its topics are the documents; every 16th
+topic is held out for validation.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Sizes of the two settings. "default" fits in ~15 minutes on a 2-core CPU, "tiny" in ~3.
+
+
+@dataclass(frozen=True)
+class QuickstartSize:
+    vocab_size: int
+    ae_overrides: dict
+    ae_steps: int
+    backbone: dict
+    lm_steps: int
+    batch_size: int
+    block_size: int
+    eval_every: int
+    eval_tokens: int
+    sample_tokens: int
+
+
+SIZES = {
+    "default": QuickstartSize(
+        vocab_size=2048,
+        ae_overrides=dict(d_model=128, ffn_dim=320, latent_dim=64),
+        ae_steps=1200,
+        backbone=dict(d_model=192, num_layers=4, num_heads=4, ffn_dim=512, max_seq_len=128),
+        lm_steps=1200,
+        batch_size=16,
+        block_size=128,
+        eval_every=200,
+        eval_tokens=8192,
+        sample_tokens=48,
+    ),
+    "tiny": QuickstartSize(
+        vocab_size=512,
+        ae_overrides=dict(d_model=64, ffn_dim=160, latent_dim=32),
+        ae_steps=250,
+        backbone=dict(d_model=64, num_layers=2, num_heads=2, ffn_dim=160, max_seq_len=64),
+        lm_steps=150,
+        batch_size=8,
+        block_size=64,
+        eval_every=50,
+        eval_tokens=1024,
+        sample_tokens=24,
+    ),
+}
+
+PROMPTS = ["The if statement", "A class definition"]
+
+
+def _log(msg: str) -> None:
+    print(f"[quickstart] {msg}", file=sys.stderr, flush=True)
+
+
+def write_embedded_corpus(out_dir: Path, val_every: int = 16) -> tuple[Path, Path]:
+    """The Python documentation topics as JSONL: (train file, validation file)."""
+    import pydoc_data.topics
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    train, val = out_dir / "train.jsonl", out_dir / "val.jsonl"
+    with train.open("w", encoding="utf-8") as ft, val.open("w", encoding="utf-8") as fv:
+        for i, name in enumerate(sorted(pydoc_data.topics.topics)):
+            line = json.dumps({"text": pydoc_data.topics.topics[name].strip()}) + "\n"
+            (fv if i % val_every == val_every - 1 else ft).write(line)
+    return train, val
+
+
+def _train_config(size: QuickstartSize, steps: int, seed: int, **changes):
+    from calm.config import TrainConfig
+
+    base = TrainConfig(
+        steps=steps,
+        batch_size=size.batch_size,
+        block_size=size.block_size,
+        lr=2e-3,
+        warmup_steps=max(10, steps // 20),
+        schedule="constant",
+        eval_every=size.eval_every,
+        eval_batches=4,
+        save_every=steps,
+        log_every=max(5, size.eval_every // 5),
+        seed=seed,
+    )
+    return base.replace(**changes)
+
+
+def _flops_curve(run_dir: Path, flops_per_step: float) -> list[tuple[float, float]]:
+    """(training FLOPs so far, BrierLM) at every evaluation of a run that logged BrierLM."""
+    from calm.report import read_metrics
+
+    return [
+        (max(r["step"], 1) * flops_per_step, r["brier_lm"])
+        for r in read_metrics(run_dir)
+        if r.get("split") == "val" and "brier_lm" in r
+    ]
+
+
+def run_pipeline(
+    out: str | Path = "runs/quickstart",
+    *,
+    data: list[str] | None = None,
+    val: list[str] | None = None,
+    tiny: bool = False,
+    device: str = "auto",
+    seed: int = 0,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run the pipeline into `out`; returns the summary that `report.md` is written from."""
+    import shutil
+
+    from calm.config import ARConfig, CALMConfig, preset
+    from calm.data import prepare
+    from calm.evaluate import brier_eval_fn, evaluate_model
+    from calm.flops import flops_report
+    from calm.generation import generate
+    from calm.models.ar import TokenTransformer
+    from calm.models.autoencoder import ChunkAutoencoder
+    from calm.train import build_calm_from_autoencoder, train
+
+    size = SIZES["tiny" if tiny else "default"]
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise ValueError(
+                f"{out} already exists and is not empty; pass --overwrite or choose another --out"
+            )
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    torch.manual_seed(seed)
+
+    # 1. data -------------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    if data:
+        train_inputs, val_inputs, source = data, val, ", ".join(map(str, data))
+    else:
+        train_file, val_file = write_embedded_corpus(out / "corpus")
+        train_inputs, val_inputs = [train_file], [val_file]
+        source = "Python's bundled documentation topics (pydoc_data.topics)"
+    _log(f"preparing data from {source}")
+    data_dir = out / "data"
+    prep = prepare(
+        train_inputs,
+        data_dir,
+        vocab_size=size.vocab_size,
+        val_inputs=val_inputs,
+        val_fraction=0.05 if not val_inputs else 0.0,
+        progress=progress,
+        log=_log,
+    )
+    from calm.train import PreparedData
+
+    prepared = PreparedData(data_dir)
+    tok = prepared.tokenizer()
+    val_tokens = torch.from_numpy(prepared.val.tokens[:].astype("int64"))
+    timings["prepare"] = time.perf_counter() - t0
+    quiet = not progress
+
+    # 2. autoencoder ------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    _log("training the chunk autoencoder (stage 1)")
+    ae_cfg = preset("ae-cpu").replace(
+        vocab_size=tok.vocab_size,
+        pad_id=tok.pad_id,
+        mask_id=tok.mask_id,
+        eot_id=tok.eot_id,
+        **size.ae_overrides,
+    )
+    torch.manual_seed(seed)
+    ae = ChunkAutoencoder(ae_cfg)
+    ae_run = out / "autoencoder"
+    ae_summary = train(
+        ae,
+        _train_config(size, size.ae_steps, seed, lr=3e-3, schedule="cosine"),
+        prepared,
+        ae_run,
+        tokenizer=tok,
+        device=device,
+        quiet=quiet,
+    )
+    ae.eval()
+    recon = evaluate_model(
+        ae, val_tokens, block_size=size.block_size, max_tokens=size.eval_tokens * 4, seed=seed
+    )
+    timings["autoencoder"] = time.perf_counter() - t0
+
+    # 3. CALM and the token baseline, same backbone ------------------------------------------
+    eval_windows_n = max(1, size.eval_tokens // size.block_size)
+    val_windows = val_tokens[: eval_windows_n * size.block_size].view(-1, size.block_size)
+    eval_fn = brier_eval_fn(val_windows, seed=seed)
+    calm_cfg = CALMConfig(
+        **size.backbone,
+        vocab_size=tok.vocab_size,
+        chunk_size=ae_cfg.chunk_size,
+        latent_dim=ae_cfg.latent_dim,
+        autoencoder=ae_cfg.to_dict(),
+    )
+    calm_cfg = calm_cfg.replace(max_seq_len=size.block_size // ae_cfg.chunk_size)
+    ar_cfg = ARConfig(**size.backbone, vocab_size=tok.vocab_size).replace(max_seq_len=size.block_size)
+    models = {}
+    for name, build, cfg in (
+        ("calm", lambda c: build_calm_from_autoencoder(c, ae), calm_cfg),
+        ("ar", TokenTransformer, ar_cfg),
+    ):
+        t0 = time.perf_counter()
+        _log(f"training {'CALM (stage 2)' if name == 'calm' else 'the token-level baseline'}")
+        torch.manual_seed(seed)
+        model = build(cfg)
+        train(
+            model,
+            _train_config(size, size.lm_steps, seed),
+            prepared,
+            out / name,
+            tokenizer=tok,
+            device=device,
+            quiet=quiet,
+            eval_fn=eval_fn,
+        )
+        model.eval()
+        models[name] = model
+        timings[name] = time.perf_counter() - t0
+
+    # 4. BrierLM for both on held-out text -------------------------------------------------------
+    t0 = time.perf_counter()
+    _log("scoring BrierLM on the held-out text")
+    scores = {
+        name: evaluate_model(
+            m, val_tokens, block_size=size.block_size, max_tokens=size.eval_tokens * 2, seed=seed
+        )
+        for name, m in models.items()
+    }
+    timings["evaluate"] = time.perf_counter() - t0
+
+    # 5. samples -------------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    prompts = [tok.encode(p) for p in PROMPTS]
+    samples: dict[str, dict[str, list[str]]] = {}
+    for name, temps in (("calm", (1.0, 0.5)), ("ar", (1.0, 0.5))):
+        samples[name] = {}
+        for t in temps:
+            new = generate(models[name], prompts, max_new_tokens=size.sample_tokens, temperature=t, seed=seed)
+            samples[name][f"T={t:g}"] = [tok.decode(p + n) for p, n in zip(prompts, new)]
+    timings["samples"] = time.perf_counter() - t0
+
+    # 6. report ----------------------------------------------------------------------------------
+    flops = {
+        "calm": flops_report(calm_cfg, context=calm_cfg.max_seq_len),
+        "ar": flops_report(ar_cfg, context=ar_cfg.max_seq_len),
+    }
+    summary = {
+        "out": str(out),
+        "setting": "tiny" if tiny else "default",
+        "data": {
+            "source": source,
+            "train_tokens": prep["splits"]["train"]["tokens"],
+            "val_tokens": prep["splits"]["val"]["tokens"],
+            "vocab_size": tok.vocab_size,
+        },
+        "autoencoder": {"config": ae_cfg.to_dict(), "train": _jsonable(ae_summary), "reconstruction": recon},
+        "configs": {"calm": calm_cfg.to_dict(), "ar": ar_cfg.to_dict()},
+        "flops": {
+            k: {
+                "train_flops_per_token": v["train_flops_per_token"],
+                "inference_flops_per_token": v["inference_flops_per_token"],
+            }
+            for k, v in flops.items()
+        },
+        "scores": scores,
+        "samples": samples,
+        "timings_s": timings,
+        "tokens_per_step": size.batch_size * size.block_size,
+    }
+    report_dir = out / "report"
+    write_report(summary, report_dir, {n: out / n for n in ("autoencoder", "calm", "ar")}, flops)
+    summary["timings_s"]["total"] = time.perf_counter() - t_start
+    (report_dir / "summary.json").write_text(json.dumps(_jsonable(summary), indent=2))
+    _log(f"done in {summary['timings_s']['total']:.0f}s; report: {report_dir / 'report.md'}")
+    return summary
+
+
+def _jsonable(obj):
+    return json.loads(json.dumps(obj, default=lambda o: o if isinstance(o, (int, float, str)) else str(o)))
+
+
+def write_report(summary: dict, report_dir: Path, runs: dict[str, Path], flops: dict) -> Path:
+    """report.md plus three PNG plots in `report_dir`."""
+    from calm.eval_autoencoder import format_reconstruction
+    from calm.report import plot_brier_vs_flops, plot_reconstruction_vs_noise, plot_training_curves
+
+    report_dir.mkdir(parents=True, exist_ok=True)
+    plot_training_curves(
+        {
+            "autoencoder": (runs["autoencoder"], "K·CE + β·KL"),
+            "CALM": (runs["calm"], "energy loss"),
+            "Transformer": (runs["ar"], "cross-entropy"),
+        },
+        report_dir / "training_curves.png",
+    )
+    block = summary["scores"]["calm"]["block_size"]
+    tokens_per_step = summary["tokens_per_step"]
+    plot_brier_vs_flops(
+        {
+            f"CALM (K={summary['configs']['calm']['chunk_size']})": _flops_curve(
+                runs["calm"], flops["calm"]["train_flops_per_token"] * tokens_per_step
+            ),
+            "Transformer": _flops_curve(runs["ar"], flops["ar"]["train_flops_per_token"] * tokens_per_step),
+        },
+        report_dir / "brier_vs_flops.png",
+        block,
+    )
+    plot_reconstruction_vs_noise(summary["autoencoder"]["reconstruction"], report_dir / "ae_noise.png")
+
+    sc = summary["scores"]
+    cfg = summary["configs"]
+    rows = []
+    for name, label in (("calm", f"CALM (K={cfg['calm']['chunk_size']})"), ("ar", "Transformer")):
+        s = sc[name]
+        ci = s.get("brier_lm_ci", [float("nan"), float("nan")])
+        rows.append(
+            f"| {label} | {s['brier_lm']:.2f} | [{ci[0]:.2f}, {ci[1]:.2f}] | "
+            + " | ".join(f"{s[f'brier_{n}']:.3f}" for n in range(1, 5))
+            + f" | {summary['flops'][name]['train_flops_per_token']:.3g} | "
+            f"{summary['flops'][name]['inference_flops_per_token']:.3g} |"
+        )
+    d = summary["data"]
+    t = summary["timings_s"]
+    lines = [
+        "# CALM quickstart report",
+        "",
+        f"Data: {d['source']} — {d['train_tokens']:,} training tokens, {d['val_tokens']:,} held-out tokens, "
+        f"byte-level BPE vocabulary of {d['vocab_size']:,}. Setting: `{summary['setting']}`.",
+        "",
+        f"Backbone for both models: d {cfg['ar']['d_model']}, {cfg['ar']['num_layers']} layers, "
+        f"{cfg['ar']['num_heads']} heads, SwiGLU {cfg['ar']['ffn_dim']}. CALM: K = {cfg['calm']['chunk_size']}, "
+        f"latent {cfg['calm']['latent_dim']}, {cfg['calm']['head_layers'] or max(1, cfg['calm']['num_layers'] // 4)} "
+        "energy-head block(s).",
+        "",
+        "## BrierLM on held-out text",
+        "",
+        f"Evaluation context: {block} tokens per window; {sc['calm']['positions']:,} CALM positions, "
+        f"{sc['ar']['positions']:,} Transformer positions. Higher is better.",
+        "",
+        "| model | BrierLM | 95% CI | Brier-1 | Brier-2 | Brier-3 | Brier-4 | train FLOPs/token | inference FLOPs/token |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        *rows,
+        "",
+        f"Transformer cross-entropy: {sc['ar'].get('ce', float('nan')):.3f} nats/token "
+        f"(perplexity {sc['ar'].get('ppl', float('nan')):.1f}).",
+        "",
+        "![BrierLM against training FLOPs](brier_vs_flops.png)",
+        "",
+        "## Autoencoder",
+        "",
+        format_reconstruction(summary["autoencoder"]["reconstruction"]),
+        "",
+        "![accuracy against latent noise](ae_noise.png)",
+        "",
+        "## Training curves",
+        "",
+        "![training curves](training_curves.png)",
+        "",
+        "## Samples",
+        "",
+    ]
+    for name, label in (("calm", "CALM"), ("ar", "Transformer")):
+        for temp, texts in summary["samples"][name].items():
+            lines.append(
+                f"**{label}, {temp}**"
+                + (" (batch approximation, N = 200)" if name == "calm" and temp != "T=1" else "")
+            )
+            lines.append("")
+            for text in texts:
+                lines.append("> " + text.replace("\n", " ⏎ ").strip())
+                lines.append("")
+    lines += [
+        "## Time",
+        "",
+        "| stage | seconds |",
+        "|---|---:|",
+        *(f"| {k} | {v:.1f} |" for k, v in t.items()),
+        "",
+        f"Reproduce: `calm quickstart{' --tiny' if summary['setting'] == 'tiny' else ''}`",
+    ]
+    path = report_dir / "report.md"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def add_quickstart_arguments(parser) -> None:
+    """Options of `calm quickstart`."""
+    parser.add_argument(
+        "--data",
+        nargs="+",
+        metavar="PATH",
+        help="training text/JSONL files or directories (default: the embedded corpus)",
+    )
+    parser.add_argument(
+        "--val", nargs="+", metavar="PATH", help="held-out files (default with --data: 5%% of the documents)"
+    )
+    parser.add_argument("--out", default="runs/quickstart", help="output directory")
+    parser.add_argument(
+        "--tiny", action="store_true", help="a much smaller setting that finishes in ~3 minutes"
+    )
+    parser.add_argument("--device", default="auto", help="auto (GPU if available, else CPU), cpu, cuda")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every stage")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
+
+
+def run_quickstart(args) -> int:
+    summary = run_pipeline(
+        args.out,
+        data=args.data,
+        val=args.val,
+        tiny=args.tiny,
+        device=args.device,
+        seed=args.seed,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
+    if args.json:
+        print(json.dumps(_jsonable(summary)))
+    else:
+        sc = summary["scores"]
+        print(
+            f"BrierLM (context {sc['calm']['block_size']} tokens): CALM {sc['calm']['brier_lm']:.2f}, "
+            f"Transformer {sc['ar']['brier_lm']:.2f}"
+        )
+        print(f"report: {Path(summary['out']) / 'report' / 'report.md'}")
+    return 0

@@ -1,0 +1,95 @@
+"""Plots and the markdown report of a quickstart (or any set of runs).
+
+Plots are written with matplotlib's non-interactive Agg backend, so no display is needed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The JSONL metrics log of a training run (empty when there is none)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _series(records, split: str, key: str):
+    pts = [(r["step"], r[key]) for r in records if r.get("split") == split and key in r]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def plot_training_curves(runs: dict[str, tuple[Path, str]], path: Path) -> Path:
+    """One panel per run: training and validation loss against steps.
+
+    runs: title -> (run directory, label of the loss, e.g. "energy loss").
+    """
+    fig, axes = plt.subplots(1, len(runs), figsize=(4.2 * len(runs), 3.4), squeeze=False)
+    for ax, (title, (run_dir, label)) in zip(axes[0], runs.items()):
+        records = read_metrics(run_dir)
+        ax.plot(*_series(records, "train", "loss"), label="train", lw=1)
+        ax.plot(*_series(records, "val", "val_loss"), "o-", label="validation", ms=3)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_brier_vs_flops(curves: dict[str, list[tuple[float, float]]], path: Path, block_size: int) -> Path:
+    """BrierLM against training FLOPs, one line per model. curves: name -> [(flops, brier_lm)]."""
+    fig, ax = plt.subplots(figsize=(5.2, 3.8))
+    for name, pts in curves.items():
+        if pts:
+            xs, ys = zip(*sorted(pts))
+            ax.plot(xs, ys, "o-", label=name, ms=4)
+    ax.set_xscale("log")
+    ax.set_xlabel("training FLOPs")
+    ax.set_ylabel(f"BrierLM (context {block_size} tokens)")
+    ax.set_title("BrierLM vs training compute")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_reconstruction_vs_noise(recon: dict, path: Path) -> Path:
+    """Autoencoder token accuracy against the scale of Gaussian noise added to μ."""
+    settings = recon["settings"]
+    xs, ys, cs = [0.0], [100 * settings["mu"]["token_acc"]], [100 * settings["mu"]["chunk_acc"]]
+    for name, row in settings.items():
+        if name.startswith("noise_"):
+            xs.append(float(name.removeprefix("noise_")))
+            ys.append(100 * row["token_acc"])
+            cs.append(100 * row["chunk_acc"])
+    fig, ax = plt.subplots(figsize=(5.2, 3.8))
+    ax.plot(xs, ys, "o-", label="token accuracy")
+    ax.plot(xs, cs, "s--", label="chunk exact match")
+    post = 100 * settings["posterior"]["token_acc"]
+    ax.axhline(
+        post, color="gray", ls=":", label=f"posterior sample (σ̄={recon['mean_sigma']:.2f}): {post:.2f}%"
+    )
+    ax.set_xlabel("σ of Gaussian noise added to μ")
+    ax.set_ylabel("% reconstructed")
+    ax.set_title("Autoencoder robustness to latent noise")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
