@@ -1,0 +1,888 @@
+"""Text generation for CALM and the token baseline: batching, KV cache, temperature, streaming.
+
+`generate(model, input_ids, max_new_tokens=..., temperature=..., ...)` works for both model
+kinds; `CALM.generate` and `TokenTransformer.generate` delegate here.
+
+Batches of prompts of different lengths
+    Prompts are **left-padded** to a common length so that every row's next element is
+    produced at the same slot. Pad slots are invisible: they are marked invalid (``valid``),
+    never attended to by real positions, and each row gets its own position ids, so its first
+    real element sits at position 0 whatever the padding (`calm.models.transformer`). No pad is
+    ever inside a row's context.
+
+    CALM consumes chunks of K tokens. A prompt of L tokens becomes ceil(L/K) chunks; if L is not
+    a multiple of K, the *first* chunk is partial: it is left-padded with pad tokens whose
+    embeddings `CALM.chunk_inputs` zeroes (``token_valid``), so it carries its real tokens only,
+    and the prompt's last chunk is complete, so generation continues right after the prompt's
+    last token. Shorter prompts are further left-padded with whole pad chunks, which are invalid
+    backbone slots like the AR pads. A padded row thus computes exactly what the same prompt run
+    alone computes (tests/test_generation.py checks the hidden states and the continuations).
+
+Randomness: batched generation == one-by-one generation
+    Every row draws its noise (the CALM head's noise, the AR sampler's uniforms, the CALM
+    samplers' selection uniforms) from its own counter-based stream (`RowRandom`): a value is a
+    pure function of (the row's seed, the step, the index), so a row's output does not depend
+    on which other rows share the batch, and blocks of future noise can be drawn at once. Row
+    b of ``generate(prompts, seed=s)`` uses seed ``s + b``, so
+    ``generate([p0, p1], seed=s)[1] == generate([p1], seed=s + 1)[0]``; a list of seeds, one per
+    prompt, is accepted as well. The exception is the Bernoulli-factory coin of the *exact*
+    sampler at a fractional 1/T, which `calm.sampling.sample_exact` draws from one
+    ``torch.Generator`` for the whole batch (seeded from ``seed``: reproducible, but batch
+    dependent).
+
+Temperature
+    AR: softmax(logits / T), any T > 0. CALM has no logits: T in (0, 1] through
+    `calm.sampling` (``sampler="approx"``: N = ``num_candidates`` head samples decoded and
+    reweighted, one batched pass; ``sampler="exact"``: rejection with a bound on the draws).
+    T = 1 is one head sample. T > 1 is impossible without logits (see `check_temperature`).
+
+Decoding the candidates is the cost of low temperature
+    At N = 200 every step decodes 200 latents per row through the autoencoder decoder, and the
+    vocabulary projection (K · V · d per candidate) dominates. `tied_argmax` takes that argmax
+    exactly but cheaply where bf16 matrix units exist (AMX CPUs, CUDA): a bf16 matmul gives
+    every logit within a proven error bound, only the groups of 16 tokens that can still hold
+    the maximum are rescored in float32, and the result is the float32 argmax. Identical chunks
+    are counted with tensor ops (`calm.sampling.chunk_counts`), without a loop over rows.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import cache
+
+import torch
+import torch.nn.functional as F
+
+from calm.sampling import approx_probabilities, sample_exact, split_inverse_temperature
+
+__all__ = [
+    "GenerationError",
+    "GenerationStats",
+    "RowRandom",
+    "check_temperature",
+    "decode_chunks",
+    "generate",
+    "prepare_prompts",
+    "tied_argmax",
+]
+
+SAMPLERS = ("approx", "exact")
+_DEFAULT = object()  # "take it from the model / tokenizer"
+
+
+class GenerationError(ValueError):
+    """Bad arguments to `generate` (the message says which and why)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-row counter-based random numbers
+
+_MASK64 = (1 << 64) - 1
+
+
+def _signed64(x: int) -> int:
+    x &= _MASK64
+    return x - (1 << 64) if x >= (1 << 63) else x
+
+
+_GOLDEN = _signed64(0x9E3779B97F4A7C15)
+_MIX1 = _signed64(0xBF58476D1CE4E5B9)
+_MIX2 = _signed64(0x94D049BB133111EB)
+
+
+def _mix64_int(z: int) -> int:
+    """splitmix64's finaliser on a Python int (unsigned 64-bit result)."""
+    z &= _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def _mix64(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser on int64 tensors: multiplications wrap around (two's complement),
+    right shifts are made logical by masking, so the bits equal the unsigned 64-bit reference."""
+    x = x ^ ((x >> 30) & ((1 << 34) - 1))
+    x = x * _MIX1
+    x = x ^ ((x >> 27) & ((1 << 37) - 1))
+    x = x * _MIX2
+    return x ^ ((x >> 31) & ((1 << 33) - 1))
+
+
+class RowRandom:
+    """Independent uniform streams, one per batch row, addressed by counters (no state).
+
+    ``uniform(stream, shape)`` returns [B, *shape] values in the open interval (0, 1); row b's
+    values are a pure function of (its seed, ``stream``, the element index): splitmix64 of a
+    per-(row, stream) key plus the index times the golden ratio, i.e. splitmix64's own output
+    sequence from that key. Rows can be dropped (`select`) without changing the others' values.
+    Vectorised int64 tensor ops, on CPU and CUDA.
+    """
+
+    def __init__(self, seeds: Sequence[int], device: torch.device | str = "cpu"):
+        self.seeds = [int(s) for s in seeds]
+        keys = [_signed64(_mix64_int(_mix64_int(s & _MASK64) + 0x632BE59BD9B4E019)) for s in self.seeds]
+        self.keys = torch.tensor(keys, dtype=torch.int64, device=device)
+        self._index_cache: dict[int, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return self.keys.shape[0]
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only the rows `rows` (indices into the current rows)."""
+        self.keys = self.keys[rows]
+
+    def _index(self, n: int) -> torch.Tensor:
+        idx = self._index_cache.get(n)
+        if idx is None:
+            idx = (torch.arange(1, n + 1, dtype=torch.int64, device=self.keys.device) * _GOLDEN).view(1, n)
+            if len(self._index_cache) > 16:
+                self._index_cache.clear()
+            self._index_cache[n] = idx
+        return idx
+
+    def bits(self, stream: Sequence[int], n: int) -> torch.Tensor:
+        """[B, n] int64 random bits for the counter ``stream`` (a tuple of non-negative ints)."""
+        salt = 0x5851F42D4C957F2D
+        for s in stream:
+            salt = _mix64_int(salt ^ _mix64_int(int(s) + 0x2545F4914F6CDD1D))
+        key = _mix64(self.keys ^ _signed64(salt)).view(-1, 1)
+        return _mix64(key + self._index(n))
+
+    def uniform(self, stream: Sequence[int], shape: Sequence[int] = (), dtype=torch.float32) -> torch.Tensor:
+        """[B, *shape] uniforms in (0, 1): 24 random bits for float32/bf16/fp16, 53 for float64."""
+        shape = tuple(int(s) for s in shape)
+        x = self.bits(stream, math.prod(shape))
+        if dtype == torch.float64:
+            u = ((x >> 11) & ((1 << 53) - 1)).to(torch.float64).mul_(2.0**-53).add_(2.0**-54)
+        else:
+            u = ((x >> 40) & ((1 << 24) - 1)).to(torch.float32).mul_(2.0**-24).add_(2.0**-25)
+            u = u.to(dtype)
+        return u.view(len(self), *shape)
+
+
+class _NoiseBlocks:
+    """Noise for many future steps drawn in one call (per-step overhead matters at batch 1).
+
+    Block size depends only on the per-row shape, never on the batch size, so the values a row
+    gets for a step are independent of the batch composition.
+    """
+
+    def __init__(self, rng: RowRandom, purpose: int, shape: Sequence[int], dtype, *, shift: float = 0.0):
+        self.rng, self.purpose, self.shape, self.dtype, self.shift = rng, purpose, tuple(shape), dtype, shift
+        per_step = max(1, math.prod(self.shape))
+        self.block = max(1, min(64, (1 << 16) // per_step))
+        self._index = -1
+        self._values: torch.Tensor | None = None
+
+    def select(self, rows: torch.Tensor) -> None:
+        if self._values is not None:
+            self._values = self._values[rows]
+
+    def get(self, step: int) -> torch.Tensor:
+        index, offset = divmod(step, self.block)
+        if index != self._index:
+            u = self.rng.uniform((self.purpose, index), (self.block, *self.shape), self.dtype)
+            self._values = u.sub_(self.shift) if self.shift else u
+            self._index = index
+        return self._values[:, offset]
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact, fast argmax through a tied vocabulary projection
+
+_SCREEN_GROUP = 16  # tokens per group in the bf16 screen
+
+
+@cache
+def _cpu_has_fast_bf16() -> bool:
+    """AMX or AVX512-BF16: bf16 matmuls many times faster than float32 on this CPU."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def _fast_bf16(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)[0] >= 8
+    return device.type == "cpu" and _cpu_has_fast_bf16()
+
+
+@dataclass
+class _Screen:
+    version: tuple
+    weight_bf16: torch.Tensor  # [Vp, d], V padded to a multiple of the group size
+    max_norm: float  # largest row norm of the float32 weight
+    groups: int
+
+
+_screens: dict[int, tuple[weakref.ref, _Screen]] = {}  # id(weight) -> (weak ref to it, screen)
+
+
+def _screen_for(weight: torch.Tensor) -> _Screen:
+    version = (weight._version, weight.data_ptr(), weight.device)
+    ref, entry = _screens.get(id(weight), (None, None))
+    if ref is not None and ref() is weight and entry.version == version:
+        return entry
+    V, _ = weight.shape
+    G = -(-V // _SCREEN_GROUP)
+    w = weight.detach()
+    if G * _SCREEN_GROUP > V:  # pad by repeating the last row: same logit as a real token
+        w = torch.cat([w, w[-1:].expand(G * _SCREEN_GROUP - V, -1)])
+    entry = _Screen(
+        version, w.to(torch.bfloat16).contiguous(), float(weight.detach().float().norm(dim=1).max()), G
+    )
+    for key in [k for k, (r, _) in _screens.items() if r() is None]:
+        del _screens[key]
+    _screens[id(weight)] = (weakref.ref(weight), entry)
+    return entry
+
+
+def tied_argmax(hidden: torch.Tensor, weight: torch.Tensor, *, screen: bool | None = None) -> torch.Tensor:
+    """argmax_v hidden · weight[v]: hidden [R, d], weight [V, d] -> LongTensor [R].
+
+    The float32 argmax (first index on exact ties), computed either directly or, with
+    ``screen=True``, through a bf16 screen: one bf16 matmul gives logits l~ with
+    |l~_v - l_v| <= eps = (3.05 u + 1.1 γ_d) · ||h|| · max_v ||w_v|| (u = 2^-8 the bf16 unit
+    roundoff of h, w and the output, γ_d = d·2^-24 the float32 accumulation; 12 u on CUDA,
+    whose bf16 GEMMs may reduce partial sums in bf16). Only tokens with l~_v >= max l~ - 2 eps
+    can be the argmax; they are found via group maxima over 16-token groups and rescored in
+    float32 (a handful per row). ``screen=None`` picks the screen for float32 inputs when the
+    device has fast bf16 and the matmul is large. Other dtypes use the direct path.
+    """
+    R, d = hidden.shape
+    V = weight.shape[0]
+    if screen is None:
+        screen = (
+            hidden.dtype == torch.float32
+            and weight.dtype == torch.float32
+            and R * V * d >= (1 << 25)
+            and _fast_bf16(hidden.device)
+        )
+    if not screen or R == 0:
+        return F.linear(hidden, weight).max(dim=-1).indices
+    s = _screen_for(weight)
+    gs = _SCREEN_GROUP
+    h = hidden.float()
+    logits = F.linear(s.weight_bf16, h.to(torch.bfloat16))  # [Vp, R]: reductions over V vectorise
+    grouped = logits.view(s.groups, gs, R)
+    group_max = grouped.amax(dim=1).float()  # [G, R]
+    top = group_max.amax(dim=0)  # [R]
+    u = 2.0**-8
+    coef = (12 * u if h.device.type == "cuda" else 3.05 * u) + 1.1 * d * 2.0**-24
+    eps = h.norm(dim=1).mul_(coef * s.max_norm * (1 + 1e-4))
+    threshold = top - 2 * eps - 1e-30
+    g, r = (group_max >= threshold).nonzero(as_tuple=True)  # candidate groups: a few per row
+    vals = grouped[g, :, r].float()  # [P, gs]
+    p, j = (vals >= threshold[r].unsqueeze(1)).nonzero(as_tuple=True)
+    rows = r[p]
+    tokens = (g[p] * gs + j).clamp_(max=V - 1)
+    exact = torch.linalg.vecdot(h.index_select(0, rows), weight.index_select(0, tokens).float())
+    best = torch.full((R,), -math.inf, device=h.device).scatter_reduce_(0, rows, exact, "amax")
+    key = torch.where(exact == best[rows], tokens, V)
+    return torch.full((R,), V, dtype=torch.long, device=h.device).scatter_reduce_(0, rows, key, "amin")
+
+
+def decode_chunks(autoencoder, z: torch.Tensor, *, screen: bool | None = None) -> torch.Tensor:
+    """Latents [..., l] -> token chunks [..., K]: the autoencoder decoder's argmax, computed
+    with `tied_argmax` (same result as ``autoencoder.decode(z)``, faster for many latents)."""
+    h = autoencoder.decode_hidden(z)  # [..., K, d]
+    flat = h.reshape(-1, h.shape[-1])
+    return tied_argmax(flat, autoencoder.lm_head.weight, screen=screen).view(h.shape[:-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument checks
+
+
+def check_temperature(temperature: float, kind: str) -> float:
+    """Validate a temperature for a model kind ("calm" or "ar"); returns it as a float."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        try:
+            temperature = float(temperature)
+        except (TypeError, ValueError) as err:
+            raise GenerationError(f"temperature must be a number, got {temperature!r}") from err
+    t = float(temperature)
+    if math.isnan(t):
+        raise GenerationError("temperature is NaN")
+    if t <= 0:
+        raise GenerationError(
+            f"temperature must be > 0, got {t:g} (for near-greedy decoding use a small positive value"
+            + (", e.g. 0.1 with the approx sampler)" if kind == "calm" else ", e.g. 1e-3)")
+        )
+    if kind == "calm" and t > 1:
+        raise GenerationError(
+            f"temperature {t:g} > 1 is impossible for CALM: it has no logits, only a sampler of P. "
+            "Sampling P(x)^(1/T)/Z with T > 1 flattens P, and that needs the probabilities P(x) "
+            "themselves; draws from P can only sharpen it, by rewarding agreement between draws "
+            "(T = 1/n: n identical draws). Use 0 < T <= 1."
+        )
+    if kind == "calm":
+        try:
+            split_inverse_temperature(t)
+        except (ValueError, TypeError) as err:
+            raise GenerationError(str(err)) from err
+    return t
+
+
+def _as_prompts(input_ids) -> list[list[int]]:
+    if isinstance(input_ids, torch.Tensor):
+        if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+            raise GenerationError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+        if input_ids.dim() == 1:
+            input_ids = input_ids.unsqueeze(0)
+        if input_ids.dim() != 2:
+            raise GenerationError(f"input_ids must be [B, T] or [T], got shape {tuple(input_ids.shape)}")
+        return input_ids.tolist()
+    if isinstance(input_ids, (str, bytes)):
+        raise GenerationError("input_ids must be token ids, not text: encode it with model.tokenizer.encode")
+    try:
+        prompts = list(input_ids)
+    except TypeError as err:
+        raise GenerationError(
+            f"input_ids must be a list of token lists or a LongTensor, got {input_ids!r}"
+        ) from err
+    if prompts and all(isinstance(t, int) and not isinstance(t, bool) for t in prompts):
+        return [prompts]  # a single prompt
+    out = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, torch.Tensor):
+            p = p.tolist()
+        if isinstance(p, (str, bytes)) or not hasattr(p, "__iter__"):
+            raise GenerationError(f"prompt {i} must be a list of token ids, got {type(p).__name__}")
+        p = list(p)
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+            raise GenerationError(f"prompt {i} must contain integer token ids")
+        out.append(p)
+    return out
+
+
+def _check_prompts(prompts: list[list[int]], vocab_size: int) -> None:
+    if not prompts:
+        raise GenerationError("no prompts given")
+    for i, p in enumerate(prompts):
+        if not p:
+            raise GenerationError(
+                f"prompt {i} is empty: give at least one token (e.g. the end-of-text id to start a fresh document)"
+            )
+        lo, hi = min(p), max(p)
+        if lo < 0 or hi >= vocab_size:
+            bad = lo if lo < 0 else hi
+            raise GenerationError(f"prompt {i} has token id {bad} outside the vocabulary [0, {vocab_size})")
+
+
+def prepare_prompts(
+    prompts: list[list[int]], pad_id: int, chunk_size: int = 1, device=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad prompts to a common length that is a multiple of `chunk_size`.
+
+    Returns tokens [B, T] (pad_id in the padding) and token_valid [B, T] (False on pads).
+    T = chunk_size · max_b ceil(L_b / chunk_size).
+    """
+    K = chunk_size
+    width = K * max(-(-len(p) // K) for p in prompts)
+    tokens = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        tokens[b, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+    lengths = torch.tensor([len(p) for p in prompts])
+    token_valid = torch.arange(width).unsqueeze(0) >= (width - lengths).unsqueeze(1)
+    return tokens.to(device), token_valid.to(device)
+
+
+def _positions(valid: torch.Tensor) -> torch.Tensor:
+    """Per-row position ids for a left-padded validity mask: first real element at 0."""
+    return (valid.long().cumsum(1) - 1).clamp_(min=0)
+
+
+def _row_seeds(seed, generator: torch.Generator | None, B: int) -> list[int]:
+    if seed is not None and generator is not None:
+        raise GenerationError("give either seed or generator, not both")
+    if generator is not None:
+        return torch.randint(0, 2**62, (B,), generator=generator, device=generator.device).tolist()
+    if seed is None:
+        return torch.randint(0, 2**62, (B,)).tolist()  # from torch's global RNG (torch.manual_seed)
+    if isinstance(seed, bool):
+        raise GenerationError(f"seed must be an integer or a list of integers, got {seed!r}")
+    if isinstance(seed, int):
+        return [seed + b for b in range(B)]
+    seeds = list(seed)
+    if len(seeds) != B or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise GenerationError(
+            f"seed must be an integer or a list of {B} integers (one per prompt), got {seed!r}"
+        )
+    return seeds
+
+
+# ---------------------------------------------------------------------------------------------
+# Results
+
+
+@dataclass
+class GenerationStats:
+    """What a `generate` call did. Times are seconds (wall clock)."""
+
+    kind: str
+    batch_size: int
+    steps: int = 0  # decoding steps (tokens for AR, chunks for CALM) after the prompt
+    prompt_tokens: list[int] = field(default_factory=list)
+    new_tokens: list[int] = field(default_factory=list)
+    finished_by_eos: list[bool] = field(default_factory=list)
+    time_s: float = 0.0
+    prefill_s: float = 0.0
+    sampler: str | None = None
+    temperature: float = 1.0
+    num_candidates: int | None = None
+    draws: int = 0  # CALM: head samples decoded (all rows, all steps)
+    exact_hit_limit: int = 0  # CALM exact sampler: rows x steps that hit max_draws (fallback used)
+    phases: dict[str, float] = field(default_factory=dict)  # with profile=True: time per phase
+
+    @property
+    def total_new_tokens(self) -> int:
+        return sum(self.new_tokens)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.total_new_tokens / self.time_s if self.time_s > 0 else float("nan")
+
+    def to_dict(self) -> dict:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        d["total_new_tokens"] = self.total_new_tokens
+        d["tokens_per_s"] = self.tokens_per_s
+        return d
+
+
+class _Timer:
+    """Accumulates wall time per phase when profiling (synchronising CUDA), else does nothing."""
+
+    def __init__(self, enabled: bool, device: torch.device):
+        self.enabled = enabled
+        self.cuda = device.type == "cuda"
+        self.phases: dict[str, float] = {}
+        self._t = 0.0
+
+    def start(self) -> None:
+        if self.enabled:
+            if self.cuda:
+                torch.cuda.synchronize()
+            self._t = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        if self.enabled:
+            if self.cuda:
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            self.phases[name] = self.phases.get(name, 0.0) + t - self._t
+            self._t = t
+
+
+class _Rows:
+    """Output buffer, end-of-text bookkeeping, streaming, and dropping finished rows."""
+
+    def __init__(self, B: int, width: int, max_new: int, eos_id: int | None, stream, device, pad_id: int):
+        self.out = torch.full((B, width), pad_id, dtype=torch.long, device=device)
+        self.max_new = max_new
+        self.eos_id = eos_id
+        self.stream = stream
+        self.active = torch.arange(B, device=device)  # original index of each batch row
+        self.active_list = list(range(B))
+        self.done = torch.zeros(B, dtype=torch.bool, device=device)  # over the current rows
+        self.filled = 0
+        self.streamed_done = [False] * B  # per original row: its end has been streamed
+
+    def push(self, tokens: torch.Tensor) -> torch.Tensor | None:
+        """Record new tokens [b, k] of the current rows. Returns the rows to keep when some rows
+        have just finished (or None); all finished -> an empty tensor."""
+        k = tokens.shape[1]
+        start = self.filled
+        self.out[self.active, start : start + k] = tokens
+        self.filled += k
+        if self.stream is not None:
+            self._stream(tokens, start)
+        if self.eos_id is None:
+            return None
+        self.done |= (tokens == self.eos_id).any(1)
+        if not bool(self.done.any()):
+            return None
+        return (~self.done).nonzero().squeeze(1)
+
+    def _stream(self, tokens: torch.Tensor, start: int) -> None:
+        room = self.max_new - start
+        if room <= 0:
+            return
+        for row, piece in zip(self.active_list, tokens[:, :room].tolist()):
+            if self.streamed_done[row]:
+                continue
+            if self.eos_id is not None and self.eos_id in piece:
+                piece = piece[: piece.index(self.eos_id) + 1]
+                self.streamed_done[row] = True
+            self.stream(row, piece)
+
+    def select(self, keep: torch.Tensor) -> None:
+        self.active = self.active[keep]
+        self.done = self.done[keep]
+        self.active_list = self.active.tolist()
+
+    def results(self) -> tuple[list[list[int]], list[bool]]:
+        rows = self.out[:, : self.filled].tolist()
+        out, by_eos = [], []
+        for r in rows:
+            r = r[: self.max_new]
+            stop = r.index(self.eos_id) + 1 if self.eos_id is not None and self.eos_id in r else None
+            out.append(r[:stop] if stop else r)
+            by_eos.append(stop is not None)
+        return out, by_eos
+
+
+# ---------------------------------------------------------------------------------------------
+# generate()
+
+
+def _model_kind(model) -> str:
+    kind = getattr(getattr(model, "config", None), "kind", None)
+    if kind not in ("calm", "ar"):
+        raise GenerationError(
+            f"generate needs a CALM or token-level (ar) model, got {type(model).__name__}"
+            + (f" of kind {kind!r}" if kind else "")
+            + (" (an autoencoder reconstructs chunks; it does not generate)" if kind == "autoencoder" else "")
+        )
+    return kind
+
+
+def _special_id(model, name: str, value):
+    if value is not _DEFAULT:
+        return None if value is None else int(value)
+    tok = getattr(model, "tokenizer", None)
+    if tok is not None and getattr(tok, name, None) is not None:
+        return int(getattr(tok, name))
+    ae = getattr(model.config, "autoencoder", None) or {}
+    if name in ae:
+        return int(ae[name])
+    return None
+
+
+@torch.inference_mode()
+def generate(
+    model,
+    input_ids,
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    sampler: str = "approx",
+    num_candidates: int = 200,
+    seed: int | Sequence[int] | None = None,
+    generator: torch.Generator | None = None,
+    eos_id: int | None = _DEFAULT,
+    pad_id: int | None = _DEFAULT,
+    stream: Callable[[int, list[int]], None] | None = None,
+    max_draws: int = 1024,
+    draws_per_call: int = 16,
+    drop_finished: bool = True,
+    screen: bool | None = None,
+    profile: bool = False,
+    return_stats: bool = False,
+):
+    """Continue each prompt by up to `max_new_tokens` tokens. Returns the new tokens per row.
+
+    Args:
+        model: a CALM model (`calm.models.calm.CALM`) or the token baseline
+            (`calm.models.ar.TokenTransformer`), e.g. from `calm.load(path)`.
+        input_ids: a list of prompts (lists of token ids, any lengths), a single prompt (a
+            list of ids), or a LongTensor [B, T] / [T].
+        max_new_tokens: tokens to generate per row (>= 1). CALM produces K per step; the
+            output is cut to exactly this many.
+        temperature: AR: any T > 0 (softmax(logits / T)). CALM: 0 < T <= 1 (no logits).
+        sampler: CALM at T < 1: "approx" (N candidates per step, `calm.sampling`'s batch
+            estimator) or "exact" (`calm.sampling.sample_exact`, exact P^(1/T), random cost).
+        num_candidates: N for the approx sampler (200 is the paper's choice near T = 0.5).
+        seed: int (row b uses seed + b) or one int per prompt: reproducible, and a row's output
+            does not depend on the other rows in the batch. None: seeds from torch's global RNG.
+        generator: alternatively a torch.Generator from which the row seeds are drawn.
+        eos_id: end-of-text id: a row stops after producing it, and its output ends with it.
+            Default: the tokenizer's (or the autoencoder config's) eot id; None: never stop.
+        pad_id: id written into padding (invisible either way). Default: the tokenizer's.
+        stream: ``stream(row, tokens)`` is called as tokens are produced (in order; per row the
+            pieces concatenate to that row's returned tokens).
+        max_draws, draws_per_call: bound and batch size of the exact sampler's draws per step
+            (a row that hits the bound gets the most frequent drawn chunk; see `sample_exact`).
+        drop_finished: remove finished rows from the batch (and KV cache) to save compute.
+        screen: force (True) or forbid (False) the bf16-screened exact argmax of `tied_argmax`
+            for decoding CALM's candidates; None: automatic.
+        profile: time the phases of a step (in stats.phases; synchronises CUDA).
+        return_stats: also return a `GenerationStats`.
+    """
+    kind = _model_kind(model)
+    prompts = _as_prompts(input_ids)
+    cfg = model.config
+    _check_prompts(prompts, cfg.vocab_size)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise GenerationError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    temperature = check_temperature(temperature, kind)
+    if kind == "calm":
+        if sampler not in SAMPLERS:
+            raise GenerationError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
+        if isinstance(num_candidates, bool) or not isinstance(num_candidates, int) or num_candidates < 1:
+            raise GenerationError(f"num_candidates must be an integer >= 1, got {num_candidates!r}")
+        if isinstance(max_draws, bool) or not isinstance(max_draws, int) or max_draws < 1:
+            raise GenerationError(f"max_draws must be an integer >= 1, got {max_draws!r}")
+        if isinstance(draws_per_call, bool) or not isinstance(draws_per_call, int) or draws_per_call < 1:
+            raise GenerationError(f"draws_per_call must be an integer >= 1, got {draws_per_call!r}")
+    elif sampler not in SAMPLERS:
+        raise GenerationError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
+    K = cfg.chunk_size if kind == "calm" else 1
+    context = cfg.max_seq_len  # backbone positions: chunks for CALM, tokens for AR
+    steps = -(-max_new_tokens // K)
+    unit = f"chunks of {K} tokens" if K > 1 else "tokens"
+    for i, p in enumerate(prompts):
+        n = -(-len(p) // K)
+        if n > context:
+            raise GenerationError(
+                f"prompt {i} has {len(p)} tokens ({n} {unit}), longer than the model's context of "
+                f"{context} {unit} ({context * K} tokens)"
+            )
+        if n + steps - 1 > context:
+            room = (context - n + 1) * K
+            raise GenerationError(
+                f"prompt {i} ({len(p)} tokens) + max_new_tokens={max_new_tokens} exceeds the model's context "
+                f"of {context * K} tokens ({context} {unit}); use max_new_tokens <= {room} or a shorter prompt"
+            )
+    eos = _special_id(model, "eot_id", eos_id)
+    pad = _special_id(model, "pad_id", pad_id)
+    if pad is None:
+        pad = 0
+    if not 0 <= pad < cfg.vocab_size:
+        raise GenerationError(f"pad_id {pad} is outside the vocabulary [0, {cfg.vocab_size})")
+    if eos is not None and not 0 <= eos < cfg.vocab_size:
+        raise GenerationError(f"eos_id {eos} is outside the vocabulary [0, {cfg.vocab_size})")
+
+    B = len(prompts)
+    device = next(model.parameters()).device
+    rng = RowRandom(_row_seeds(seed, generator, B), device)
+    stats = GenerationStats(
+        kind=kind,
+        batch_size=B,
+        prompt_tokens=[len(p) for p in prompts],
+        sampler=sampler if kind == "calm" else None,
+        temperature=temperature,
+        num_candidates=num_candidates if kind == "calm" and sampler == "approx" and temperature < 1 else None,
+    )
+    was_training = model.training
+    model.eval()
+    t0 = time.perf_counter()
+    try:
+        if kind == "ar":
+            rows = _generate_ar(
+                model, prompts, steps, temperature, rng, eos, pad, stream, drop_finished, stats, profile
+            )
+        else:
+            rows = _generate_calm(
+                model,
+                prompts,
+                steps,
+                max_new_tokens,
+                temperature,
+                sampler,
+                num_candidates,
+                rng,
+                eos,
+                pad,
+                stream,
+                drop_finished,
+                max_draws,
+                draws_per_call,
+                screen,
+                stats,
+                profile,
+            )
+    finally:
+        model.train(was_training)
+    out, by_eos = rows.results()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    stats.time_s = time.perf_counter() - t0
+    stats.new_tokens = [len(r) for r in out]
+    stats.finished_by_eos = by_eos
+    return (out, stats) if return_stats else out
+
+
+def _generate_ar(model, prompts, steps, T, rng, eos, pad, stream, drop_finished, stats, profile):
+    device = next(model.parameters()).device
+    B = len(prompts)
+    tokens, valid = prepare_prompts(prompts, pad, 1, device)
+    positions = _positions(valid)
+    padded = not bool(valid.all())
+    cache = model.backbone.new_cache(B, tokens.shape[1] + steps - 1)
+    timer = _Timer(profile, device)
+    rows = _Rows(B, steps, steps, eos, stream, device, pad)
+    uniforms = _NoiseBlocks(rng, 1, (), torch.float64)
+    inv_t = 1.0 / T
+
+    def sample(h: torch.Tensor, step: int) -> torch.Tensor:
+        logits = model.lm_head(h).float()
+        if inv_t != 1.0:
+            logits = (logits - logits.amax(-1, keepdim=True)).mul_(inv_t)
+        cdf = torch.softmax(logits, -1, dtype=torch.float64).cumsum_(-1)
+        u = uniforms.get(step).unsqueeze(1) * cdf[:, -1:]
+        return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[1] - 1)  # [B, 1]
+
+    timer.start()
+    t_prefill = time.perf_counter()
+    h = model.backbone(
+        model.embed(tokens), positions=positions, valid=valid if padded else None, cache=cache
+    )[:, -1]
+    pos = positions[:, -1:] + 1
+    stats.prefill_s = time.perf_counter() - t_prefill
+    timer.lap("prefill")
+    for step in range(steps):
+        nxt = sample(h, step)
+        timer.lap("sample")
+        keep = rows.push(nxt)
+        stats.steps += 1
+        if keep is not None:
+            if keep.numel() == 0:
+                break
+            if drop_finished:
+                cache.select(keep)
+                rng.select(keep)
+                uniforms.select(keep)
+                rows.select(keep)
+                nxt, pos = nxt[keep], pos[keep]
+        if step == steps - 1:
+            break
+        h = model.backbone(model.embed(nxt), positions=pos, cache=cache)[:, -1]
+        pos += 1
+        timer.lap("backbone")
+    stats.phases = timer.phases
+    return rows
+
+
+def _generate_calm(
+    model,
+    prompts,
+    steps,
+    max_new,
+    T,
+    sampler,
+    N,
+    rng,
+    eos,
+    pad,
+    stream,
+    drop_finished,
+    max_draws,
+    draws_per_call,
+    screen,
+    stats,
+    profile,
+):
+    cfg = model.config
+    K = cfg.chunk_size
+    device = next(model.parameters()).device
+    B = len(prompts)
+    tokens, token_valid = prepare_prompts(prompts, pad, K, device)
+    chunks = tokens.view(B, -1, K)
+    token_valid = token_valid.view(B, -1, K)
+    chunk_valid = token_valid.any(-1)
+    positions = _positions(chunk_valid)
+    padded = not bool(token_valid.all())
+    cache = model.new_cache(B, chunks.shape[1] + steps - 1)
+    timer = _Timer(profile, device)
+    rows = _Rows(B, steps * K, max_new, eos, stream, device, pad)
+    n, alpha = split_inverse_temperature(T)
+    head = model.head
+    ae = model.autoencoder
+    noise_dim = head.noise_dim
+    noise_dtype = head.noise_embd.weight.dtype
+    if n == 1 and alpha == 0.0:
+        mode, per_step = "single", 1
+    elif sampler == "approx":
+        mode, per_step = "approx", N
+    else:
+        mode, per_step = "exact", 0
+    head_noise = _NoiseBlocks(rng, 2, (max(per_step, 1), noise_dim), noise_dtype, shift=0.5)
+    select_u = _NoiseBlocks(rng, 3, (), torch.float64)
+    coins = None
+    if mode == "exact" and alpha > 0:  # the Bernoulli factory's coins: one generator per batch
+        coins = torch.Generator(device=device).manual_seed(_mix64_int(rng.seeds[0] & _MASK64) >> 1)
+
+    def head_decode(h: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        z = head(h, noise)  # [b, m, l]
+        timer.lap("head")
+        c = decode_chunks(ae, z, screen=screen)  # [b, m, K]
+        timer.lap("decode")
+        return c
+
+    def sample(h: torch.Tensor, step: int) -> torch.Tensor:
+        if mode == "single":
+            stats.draws += h.shape[0]
+            return head_decode(h, head_noise.get(step))[:, 0]
+        if mode == "approx":
+            cands = head_decode(h, head_noise.get(step))
+            stats.draws += cands.shape[0] * cands.shape[1]
+            probs = approx_probabilities(cands, T)  # counts identical chunks, weights them
+            cdf = probs.cumsum_(1)
+            u = select_u.get(step).unsqueeze(1) * cdf[:, -1:]
+            idx = torch.searchsorted(cdf, u, right=True).clamp_(max=cands.shape[1] - 1)
+            out = cands.gather(1, idx.unsqueeze(-1).expand(-1, 1, K)).squeeze(1)
+            timer.lap("select")
+            return out
+        calls = [0]
+
+        def draw(m: int) -> torch.Tensor:
+            noise = rng.uniform((4, step, calls[0]), (m, noise_dim), noise_dtype).sub_(0.5)
+            calls[0] += 1
+            timer.lap("select")
+            return head_decode(h, noise)
+
+        out, st = sample_exact(
+            draw,
+            T,
+            max_draws=max_draws,
+            generator=coins,
+            draws_per_call=min(draws_per_call, max_draws),
+            return_stats=True,
+        )
+        stats.draws += calls[0] * min(draws_per_call, max_draws) * h.shape[0]
+        stats.exact_hit_limit += st.num_hit_limit
+        timer.lap("select")
+        return out
+
+    timer.start()
+    t_prefill = time.perf_counter()
+    h = model.hidden(
+        chunks,
+        token_valid=token_valid if padded else None,
+        positions=positions,
+        valid=chunk_valid if padded else None,
+        cache=cache,
+    )[:, -1]
+    pos = positions[:, -1:] + 1
+    stats.prefill_s = time.perf_counter() - t_prefill
+    timer.lap("prefill")
+    for step in range(steps):
+        chunk = sample(h, step)
+        keep = rows.push(chunk)
+        stats.steps += 1
+        if keep is not None:
+            if keep.numel() == 0:
+                break
+            if drop_finished:
+                cache.select(keep)
+                head_noise.select(keep)
+                select_u.select(keep)
+                rng.select(keep)
+                rows.select(keep)
+                chunk, pos = chunk[keep], pos[keep]
+        if step == steps - 1:
+            break
+        timer.lap("bookkeeping")
+        h = model.hidden(chunk.unsqueeze(1), positions=pos, cache=cache)[:, -1]
+        pos += 1
+        timer.lap("backbone")
+    stats.phases = timer.phases
+    return rows
