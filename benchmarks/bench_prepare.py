@@ -2,7 +2,8 @@
 
 Each configuration runs `python -m calm prepare ... --json` in a fresh process, so its peak
 resident memory is that process's own: ``ru_maxrss`` from ``os.wait4`` (the largest of the
-process and its worker processes, in MiB). Configurations:
+process and its worker processes, in MiB). Configurations (the first three with the default
+``--workers``, :func:`calm.data.default_workers`):
 
 - ``all/bpe``: every corpus in the shared folder (wikitext2 train + valid, tinyshakespeare,
   grimm), 1% validation by documents, training the 8,192-entry byte-level BPE first;
@@ -103,8 +104,7 @@ def main() -> int:
 
     rows = []
     for name, extra in configs:
-        w_default = [] if "--workers" in extra else ["--workers", "0"]
-        cmd = calm + extra + common + w_default
+        cmd = calm + extra + common
         load = os.getloadavg()[0]
         runs = [run_prepare(cmd, out) for _ in range(args.repeats)]
         best = min(runs, key=lambda r: r["wall_s"])
