@@ -510,12 +510,15 @@ def prepare(
     workers: 0 tokenizes in this process with the tokenizer's Rust threads, N >= 1 uses N worker
         processes; ``None`` picks the default (:func:`default_workers`).
     overwrite: replace an existing ``out_dir`` (only after the new one is complete).
+    progress / log: the tqdm bars (bytes, on stderr) and where status lines go (default: stderr
+        when ``progress``, else nowhere). Warnings are :class:`DataWarning` s.
 
     Raises :class:`DataError` for missing inputs, malformed JSONL, an empty corpus, or an
     ``out_dir`` that exists (without ``overwrite``).
     """
     t_start = time.perf_counter()
-    log = log or (lambda msg: print(msg, file=sys.stderr))
+    if log is None:
+        log = (lambda msg: print(msg, file=sys.stderr)) if progress else (lambda msg: None)
     if doc_split not in DOC_SPLITS:
         raise DataError(f"doc_split must be one of {', '.join(DOC_SPLITS)}, not {doc_split!r}")
     if not 0 <= val_fraction < 1:
@@ -564,6 +567,18 @@ def prepare(
             raise DataError(str(e)) from e
     t_tok = time.perf_counter() - t_tok
     dtype = token_dtype(tok.vocab_size)
+    origin = (
+        f"trained in {t_tok:.1f} s"
+        if trained
+        else "given"
+        if isinstance(tokenizer, Tokenizer)
+        else f"loaded from {tokenizer}"
+    )
+    log(
+        f"tokenizer: vocab {tok.vocab_size:,} ({origin}); "
+        f"tokenizing {len(train_files) + len(val_files)} file(s), {total_bytes / 1e6:.1f} MB, "
+        f"with {workers or 'in-process threads'} worker(s)"
+    )
 
     # ---- 2. tokenize into a temporary directory
     tmp = out_dir.parent / f"{out_dir.name}.tmp-{os.getpid()}-{secrets.token_hex(3)}"
