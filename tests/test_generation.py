@@ -20,6 +20,7 @@ from calm.generation import (
     _mix64,
     _mix64_int,
     _positions,
+    choose_approx,
     generate,
     prepare_prompts,
     tied_argmax,
@@ -319,6 +320,11 @@ def test_tied_argmax_screen_is_the_float32_argmax(V):
     W[-1] = W[0] * (1 - 1e-6)
     h = W[torch.randint(0, 2, (R,))] * 5 + 1e-4 * torch.randn(R, d)
     assert torch.equal(tied_argmax(h, W, screen=True), tied_argmax(h, W, screen=False))
+    # all logits tied (zero hidden states): first index, like torch's argmax
+    zero = torch.zeros(5, d)
+    assert tied_argmax(zero, W, screen=True).tolist() == [0] * 5
+    few = torch.randn(3, d)  # few rows take the [R, V] layout
+    assert torch.equal(tied_argmax(few, W, screen=True), F_linear_argmax(few, W))
 
 
 def F_linear_argmax(h, W):
@@ -348,3 +354,31 @@ def test_row_random_is_per_row_and_matches_splitmix64():
     # rough uniformity
     u = RowRandom(range(8)).uniform((5,), (20000,), torch.float64)
     assert abs(float(u.mean()) - 0.5) < 0.005 and abs(float(u.var()) - 1 / 12) < 0.002
+
+
+def test_bf16_candidate_decoding_runs_and_is_reproducible(calm_model):
+    kw = dict(max_new_tokens=8, temperature=0.5, num_candidates=32, eos_id=None, decode_dtype=torch.bfloat16)
+    a = generate(calm_model, PROMPTS, seed=1, **kw)
+    assert a == generate(calm_model, PROMPTS, seed=1, **kw)
+    assert all(len(r) == 8 and all(0 <= t < calm_model.config.vocab_size for t in r) for r in a)
+    assert generate(calm_model, PROMPTS, seed=1, **{**kw, "decode_dtype": "float32"}) == generate(
+        calm_model, PROMPTS, seed=1, **{**kw, "decode_dtype": None}
+    )
+    with pytest.raises(GenerationError, match="decode_dtype"):
+        generate(calm_model, PROMPTS, seed=1, **{**kw, "decode_dtype": "int8"})
+
+
+def test_choose_approx_follows_the_estimator():
+    from calm.sampling import approx_probabilities
+
+    torch.manual_seed(0)
+    cands = torch.randint(0, 3, (2, 40, 2))  # 9 possible chunks, many repeats
+    probs = approx_probabilities(cands, 0.4)
+    n = 4000
+    u = (torch.arange(n, dtype=torch.float64) + 0.5) / n  # a uniform grid: the inverse CDF exactly
+    picks = torch.stack([choose_approx(cands, 0.4, u[i].expand(2)) for i in range(n)])  # [n, 2, 2]
+    for b in range(2):
+        chunks, inverse = torch.unique(cands[b], dim=0, return_inverse=True)
+        target = torch.zeros(len(chunks), dtype=torch.float64).index_add_(0, inverse, probs[b])
+        got = torch.stack([(picks[:, b] == c).all(-1).double().mean() for c in chunks])
+        torch.testing.assert_close(got, target, atol=2 / n, rtol=0)

@@ -64,6 +64,7 @@ __all__ = [
     "GenerationStats",
     "RowRandom",
     "check_temperature",
+    "choose_approx",
     "decode_chunks",
     "generate",
     "prepare_prompts",
@@ -262,24 +263,41 @@ def tied_argmax(hidden: torch.Tensor, weight: torch.Tensor, *, screen: bool | No
         screen = (
             hidden.dtype == torch.float32
             and weight.dtype == torch.float32
-            and R * V * d >= (1 << 25)
+            and R * V * d >= (1 << 24)
             and _fast_bf16(hidden.device)
         )
     if not screen or R == 0:
         return F.linear(hidden, weight).max(dim=-1).indices
     s = _screen_for(weight)
-    gs = _SCREEN_GROUP
     h = hidden.float()
-    logits = F.linear(s.weight_bf16, h.to(torch.bfloat16))  # [Vp, R]: reductions over V vectorise
-    grouped = logits.view(s.groups, gs, R)
-    group_max = grouped.amax(dim=1).float()  # [G, R]
-    top = group_max.amax(dim=0)  # [R]
+    # Row blocks keep each block's bf16 logits ([Vp, rows], ~2-4 MB) in cache while they are
+    # reduced and gathered; one [Vp, R] matmul at R in the thousands is several times slower.
+    block = max(64, (1 << 21) // (s.groups * _SCREEN_GROUP))
+    if R <= block:
+        return _screened_argmax(h, weight, s)
+    return torch.cat([_screened_argmax(h[i : i + block], weight, s) for i in range(0, R, block)])
+
+
+def _screened_argmax(h: torch.Tensor, weight: torch.Tensor, s: _Screen) -> torch.Tensor:
+    R, d = h.shape
+    V = weight.shape[0]
+    gs = _SCREEN_GROUP
+    hb = h.to(torch.bfloat16)
+    if R >= 64:  # [Vp, R]: the group reduction runs along the contiguous R, vectorised
+        grouped = F.linear(s.weight_bf16, hb).view(s.groups, gs, R)
+        group_max = grouped.amax(dim=1).float().t()  # [R, G]
+    else:  # few rows: [R, Vp] is the faster matmul
+        grouped = F.linear(hb, s.weight_bf16).view(R, s.groups, gs)
+        group_max = grouped.amax(dim=2).float()
+    top = group_max.amax(dim=1)  # [R]
     u = 2.0**-8
     coef = (12 * u if h.device.type == "cuda" else 3.05 * u) + 1.1 * d * 2.0**-24
     eps = h.norm(dim=1).mul_(coef * s.max_norm * (1 + 1e-4))
     threshold = top - 2 * eps - 1e-30
-    g, r = (group_max >= threshold).nonzero(as_tuple=True)  # candidate groups: a few per row
-    vals = grouped[g, :, r].float()  # [P, gs]
+    r, g = (group_max >= threshold.unsqueeze(1)).nonzero(as_tuple=True)  # a few groups per row
+    if r.numel() > 8 * R + 64:  # not selective (e.g. all logits tied): the direct path is cheaper
+        return F.linear(h, weight.float()).max(dim=-1).indices
+    vals = (grouped[g, :, r] if R >= 64 else grouped[r, g]).float()  # [P, gs]
     p, j = (vals >= threshold[r].unsqueeze(1)).nonzero(as_tuple=True)
     rows = r[p]
     tokens = (g[p] * gs + j).clamp_(max=V - 1)
@@ -287,6 +305,18 @@ def tied_argmax(hidden: torch.Tensor, weight: torch.Tensor, *, screen: bool | No
     best = torch.full((R,), -math.inf, device=h.device).scatter_reduce_(0, rows, exact, "amax")
     key = torch.where(exact == best[rows], tokens, V)
     return torch.full((R,), V, dtype=torch.long, device=h.device).scatter_reduce_(0, rows, key, "amin")
+
+
+def choose_approx(candidates: torch.Tensor, temperature: float, uniforms: torch.Tensor) -> torch.Tensor:
+    """One chunk per row from candidates [B, N, K] with `calm.sampling`'s batch estimator of
+    P^(1/T): identical chunks counted with tensor ops, weighted, and one picked by inverse CDF
+    with the given per-row uniforms [B] (so the choice of a row depends on its own noise only).
+    The same distribution as `calm.sampling.sample_approx`, whose Gumbel noise is drawn for the
+    whole batch at once. This is the sampler's whole bookkeeping."""
+    cdf = approx_probabilities(candidates, temperature).cumsum_(1)  # [B, N] float64
+    u = uniforms.to(cdf.dtype).unsqueeze(1) * cdf[:, -1:]
+    idx = torch.searchsorted(cdf, u, right=True).clamp_(max=candidates.shape[1] - 1)
+    return candidates.gather(1, idx.unsqueeze(-1).expand(-1, 1, candidates.shape[2])).squeeze(1)
 
 
 def decode_chunks(autoencoder, z: torch.Tensor, *, screen: bool | None = None) -> torch.Tensor:
@@ -543,6 +573,25 @@ class _Rows:
 # generate()
 
 
+_DTYPES = {
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+_DTYPES.update({"float32": torch.float32, "fp32": torch.float32})
+
+
+def _decode_dtype(value, model) -> torch.dtype | None:
+    """None, or the autocast dtype for CALM's candidate decoding (None if it is the model's)."""
+    if value is None or value == "model":
+        return None
+    dtype = _DTYPES.get(value) if isinstance(value, str) else value
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise GenerationError(f"decode_dtype must be None, 'bfloat16', 'float16' or 'float32', got {value!r}")
+    return None if dtype == next(model.parameters()).dtype else dtype
+
+
 def _model_kind(model) -> str:
     kind = getattr(getattr(model, "config", None), "kind", None)
     if kind not in ("calm", "ar"):
@@ -584,6 +633,7 @@ def generate(
     draws_per_call: int = 16,
     drop_finished: bool = True,
     screen: bool | None = None,
+    decode_dtype: torch.dtype | str | None = None,
     profile: bool = False,
     return_stats: bool = False,
 ):
@@ -613,6 +663,11 @@ def generate(
         drop_finished: remove finished rows from the batch (and KV cache) to save compute.
         screen: force (True) or forbid (False) the bf16-screened exact argmax of `tied_argmax`
             for decoding CALM's candidates; None: automatic.
+        decode_dtype: run CALM's energy head and autoencoder decoder in this dtype (autocast),
+            e.g. torch.bfloat16: several times faster at T < 1, where every step decodes N
+            candidates, but a candidate whose top two token logits are within bf16 rounding
+            may decode differently. Default None: the model's own dtype (exact decoding; the
+            vocabulary argmax is still bf16-screened where that is exact, see `tied_argmax`).
         profile: time the phases of a step (in stats.phases; synchronises CUDA).
         return_stats: also return a `GenerationStats`.
     """
@@ -685,19 +740,20 @@ def generate(
                 prompts,
                 steps,
                 max_new_tokens,
-                temperature,
-                sampler,
-                num_candidates,
                 rng,
-                eos,
-                pad,
-                stream,
-                drop_finished,
-                max_draws,
-                draws_per_call,
-                screen,
                 stats,
-                profile,
+                T=temperature,
+                sampler=sampler,
+                N=num_candidates,
+                eos=eos,
+                pad=pad,
+                stream=stream,
+                drop_finished=drop_finished,
+                max_draws=max_draws,
+                draws_per_call=draws_per_call,
+                screen=screen,
+                decode_dtype=_decode_dtype(decode_dtype, model),
+                profile=profile,
             )
     finally:
         model.train(was_training)
@@ -766,10 +822,12 @@ def _generate_calm(
     prompts,
     steps,
     max_new,
+    rng,
+    stats,
+    *,
     T,
     sampler,
     N,
-    rng,
     eos,
     pad,
     stream,
@@ -777,7 +835,7 @@ def _generate_calm(
     max_draws,
     draws_per_call,
     screen,
-    stats,
+    decode_dtype,
     profile,
 ):
     cfg = model.config
@@ -811,9 +869,16 @@ def _generate_calm(
         coins = torch.Generator(device=device).manual_seed(_mix64_int(rng.seeds[0] & _MASK64) >> 1)
 
     def head_decode(h: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        z = head(h, noise)  # [b, m, l]
-        timer.lap("head")
-        c = decode_chunks(ae, z, screen=screen)  # [b, m, K]
+        if decode_dtype is None:
+            z = head(h, noise)  # [b, m, l]
+            timer.lap("head")
+            c = decode_chunks(ae, z, screen=screen)  # [b, m, K]
+        else:
+            with torch.autocast(device.type, dtype=decode_dtype):
+                z = head(h, noise)
+                timer.lap("head")
+                hid = ae.decode_hidden(z)  # [b, m, K, d]
+            c = tied_argmax(hid.float().flatten(0, -2), ae.lm_head.weight, screen=screen).view(hid.shape[:-1])
         timer.lap("decode")
         return c
 
@@ -824,11 +889,7 @@ def _generate_calm(
         if mode == "approx":
             cands = head_decode(h, head_noise.get(step))
             stats.draws += cands.shape[0] * cands.shape[1]
-            probs = approx_probabilities(cands, T)  # counts identical chunks, weights them
-            cdf = probs.cumsum_(1)
-            u = select_u.get(step).unsqueeze(1) * cdf[:, -1:]
-            idx = torch.searchsorted(cdf, u, right=True).clamp_(max=cands.shape[1] - 1)
-            out = cands.gather(1, idx.unsqueeze(-1).expand(-1, 1, K)).squeeze(1)
+            out = choose_approx(cands, T, select_u.get(step))
             timer.lap("select")
             return out
         calls = [0]
