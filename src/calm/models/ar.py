@@ -57,6 +57,16 @@ class TokenTransformer(nn.Module):
         h = self.backbone(self.embed(tokens), positions=positions, valid=valid, cache=cache)
         return self.lm_head(h)
 
+    def generate(self, input_ids, **kwargs):
+        """Continue prompts (KV cache, batches of any lengths, temperature, seed, streaming).
+
+        ``model.generate(input_ids, max_new_tokens=..., temperature=..., ...)``; the arguments and
+        the returned new tokens per row are those of `calm.generation.generate`.
+        """
+        from calm.generation import generate
+
+        return generate(self, input_ids, **kwargs)
+
     def loss(self, tokens: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """Mean next-token cross-entropy over windows `tokens` [B, T] (T - 1 predictions per row)."""
         if tokens.dim() != 2 or tokens.shape[1] < 2:

@@ -138,6 +138,16 @@ class CALM(nn.Module):
         """Sampled next chunks: hidden [..., d] -> tokens [..., num_samples, K] (AE decoder argmax)."""
         return self.autoencoder.decode(self.sample_latents(hidden, num_samples, generator))
 
+    def generate(self, input_ids, **kwargs):
+        """Continue prompts (KV cache, batches of any lengths, temperature, seed, streaming).
+
+        ``model.generate(input_ids, max_new_tokens=..., temperature=..., ...)``; the arguments and
+        the returned new tokens per row are those of `calm.generation.generate`.
+        """
+        from calm.generation import generate
+
+        return generate(self, input_ids, **kwargs)
+
     # -- training objective ---------------------------------------------------------------------
     def loss(self, tokens: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """Mean energy loss over chunk positions 1..C-1 of windows `tokens` [B, T]."""
