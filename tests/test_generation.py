@@ -382,3 +382,9 @@ def test_choose_approx_follows_the_estimator():
         target = torch.zeros(len(chunks), dtype=torch.float64).index_add_(0, inverse, probs[b])
         got = torch.stack([(picks[:, b] == c).all(-1).double().mean() for c in chunks])
         torch.testing.assert_close(got, target, atol=2 / n, rtol=0)
+
+
+def test_model_generate_methods_delegate(calm_model, ar_model):
+    kw = dict(max_new_tokens=5, temperature=0.5, seed=2, eos_id=None)
+    assert calm_model.generate(PROMPTS, **kw) == generate(calm_model, PROMPTS, **kw)
+    assert ar_model.generate(PROMPTS, **kw) == generate(ar_model, PROMPTS, **kw)
