@@ -237,8 +237,8 @@ def _transformer_exact(model, window: torch.Tensor, positions: torch.Tensor) -> 
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("collision", ["pair", "expected"])
-def test_ar_estimator_matches_enumeration_on_a_transformer(collision):
+@pytest.mark.parametrize(("collision", "shared"), [("pair", True), ("expected", True), ("pair", False)])
+def test_ar_estimator_matches_enumeration_on_a_transformer(collision, shared):
     """A real TokenTransformer: exact Brier-n by enumeration agrees with the batched estimator
     (this also checks that every rollout sees exactly its own context through the forked cache)."""
     model = _sharp_token_transformer()
@@ -253,8 +253,9 @@ def test_ar_estimator_matches_enumeration_on_a_transformer(collision):
         window.expand(R, T),
         generator=torch.Generator().manual_seed(6),
         collision=collision,
-        max_cache_bytes=15_000_000,
-    )  # groups of 2 positions
+        max_cache_bytes=15_000_000 if not shared else 2_000_000,  # groups of 2 positions
+        shared_prefix=shared,
+    )
     torch.testing.assert_close(scores.estimates[0, :, 0], exact[:, 0], atol=1e-5, rtol=0)
     z = _z_scores(scores.estimates, exact)
     assert z.abs().max() < Z_MAX, z
@@ -285,38 +286,77 @@ def test_fork_cache_gives_each_row_its_own_context():
         torch.testing.assert_close(out2[r], ref[-1])
 
 
-def test_ar_rollouts_see_exactly_their_context():
+def test_fork_cache_never_aliases_the_base_cache():
+    """Forks are copies even when a view would do (one row per base row, or one base row)."""
+    model = _sharp_token_transformer(V=7, seed=1)
+    for B, g in ((1, 1), (1, 3), (2, 1)):
+        cache = model.new_cache(B, 10)
+        model.logits(torch.randint(0, 7, (B, 10)), cache=cache)
+        before = [k.clone() for k in cache.keys]
+        fork = _fork_cache(cache, g, 10, torch.full((B * g,), 10), 0)
+        for k in fork.keys:
+            k[0].zero_()
+        assert all(torch.equal(a, b) for a, b in zip(before, cache.keys))
+        if g > 1:
+            assert not torch.equal(fork.keys[0][0], fork.keys[0][1])
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_ar_rollouts_see_exactly_their_context(monkeypatch, shared):
     """Every batched rollout step computes what a fresh pass over (window[:t] + sampled prefix)
-    computes: rows are not mixed up between windows or positions, and no row sees past its t."""
+    computes: rows are not mixed up between windows or positions, and no row sees past its t.
+    Both rollout paths: shared-prefix attention over one cache per window, and forked caches."""
+    import calm.brier as brier
+
     model = _sharp_token_transformer(V=7, seed=2).float()
+    model.config.num_kv_heads = 1  # grouped-query attention: 2 query heads share 1 kv head
+    _regroup_kv_heads(model)
     windows = torch.randint(0, 7, (3, 13), generator=torch.Generator().manual_seed(3))
     calls = []
-    original = model.logits
+    original = brier._ar_step
 
-    def recording(tokens, positions=None, valid=None, cache=None):
-        out = original(tokens, positions=positions, valid=valid, cache=cache)
-        if positions is not None:
-            calls.append((tokens.clone(), positions.clone(), out.clone()))
+    def recording(model_, roll, tokens, positions):
+        out = original(model_, roll, tokens, positions)
+        assert roll.shared == shared
+        calls.append((tokens.clone(), positions.clone(), out.clone()))
         return out
 
-    model.logits = recording
-    ar_window_scores(model, windows, generator=torch.Generator().manual_seed(4), max_cache_bytes=40_000)
+    monkeypatch.setattr(brier, "_ar_step", recording)
+    budget = 3_000 if shared else 40_000  # several query groups either way
+    ar_window_scores(
+        model,
+        windows,
+        generator=torch.Generator().manual_seed(4),
+        max_cache_bytes=budget,
+        shared_prefix=shared,
+    )
     assert len(calls) % (NGRAM - 1) == 0 and len(calls) > NGRAM - 1  # several groups, 3 steps each
     checked = 0
     for g in range(0, len(calls), NGRAM - 1):
         steps = calls[g : g + NGRAM - 1]
-        t = steps[0][1][:, 0]
-        rows = len(t)
-        window_of_row = torch.arange(len(windows)).repeat_interleave(rows // len(windows))
-        for r in range(rows):
-            prefix = torch.stack([s[0][r, 0] for s in steps])
-            assert [int(s[1][r, 0]) for s in steps] == [int(t[r]) + j for j in range(NGRAM - 1)]
-            seq = torch.cat([windows[window_of_row[r], : t[r]], prefix])[None]
-            ref = original(seq)[0, -(NGRAM - 1) :]
-            got = torch.stack([s[2][r, 0] for s in steps])
-            torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
-            checked += 1
+        t = steps[0][1]
+        for b in range(len(windows)):
+            for q in range(len(t)):
+                prefix = torch.stack([s[0][b, q] for s in steps])
+                assert [int(s[1][q]) for s in steps] == [int(t[q]) + j for j in range(NGRAM - 1)]
+                seq = torch.cat([windows[b, : t[q]], prefix])[None]
+                ref = model.logits(seq)[0, -(NGRAM - 1) :]
+                got = torch.stack([s[2][b, q] for s in steps])
+                torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+                checked += 1
     assert checked == len(windows) * len(ar_positions(13))
+
+
+def _regroup_kv_heads(model) -> None:
+    """Rebuild k/v projections for config.num_kv_heads (a GQA variant of a tiny model)."""
+    for block in model.backbone.layers:
+        a = block.attn
+        a.kv_heads = model.config.kv_heads
+        d = model.config.d_model
+        for name in ("k_proj", "v_proj"):
+            lin = torch.nn.Linear(d, a.kv_heads * a.head_dim, bias=False)
+            torch.nn.init.normal_(lin.weight, std=0.5)
+            setattr(a, name, lin)
 
 
 # ------------------------------------------------------------------------- CALM
@@ -342,7 +382,8 @@ def test_calm_estimator_unbiased_on_chunk_sampler(K):
     assert float((scores.estimates.mean(1).std(0) / math.sqrt(R)).max()) < 0.03
 
 
-def test_calm_rollout_continues_each_sample_on_its_own_tokens():
+@pytest.mark.parametrize("shared", [True, False])
+def test_calm_rollout_continues_each_sample_on_its_own_tokens(shared):
     """K = 2: the rollout's hidden state for a sample equals a fresh pass over context + that sample."""
     from calm.models.calm import CALM
 
@@ -384,13 +425,19 @@ def test_calm_rollout_continues_each_sample_on_its_own_tokens():
     model.sample_chunks = recording
     B, T = 2, 14
     windows = torch.randint(0, 8, (B, T), generator=torch.Generator().manual_seed(1))
-    calm_window_scores(model, windows, generator=torch.Generator().manual_seed(2), max_cache_bytes=3000)
+    calm_window_scores(
+        model,
+        windows,
+        generator=torch.Generator().manual_seed(2),
+        max_cache_bytes=3000,  # several query groups
+        shared_prefix=shared,
+    )
     (_, first), rollouts = seen[0], seen[1:]
     P = len(calm_positions(T, 2))
     assert first.shape == (B, P, 2, 2)
     # One rollout step per group (K = 2 needs two chunks), several groups (small cache budget).
     assert len(rollouts) > 1
-    assert sum(h.shape[0] for h, _ in rollouts) == B * P * 2
+    assert sum(h.shape[1] for h, _ in rollouts) == P * 2
     rows = []
     for b in range(B):
         for i in range(P):
@@ -404,9 +451,9 @@ def test_calm_rollout_continues_each_sample_on_its_own_tokens():
 
 
 def _ungroup(group_hiddens: list[torch.Tensor], B: int, P: int) -> torch.Tensor:
-    """Concatenate per-group hidden states [B*g*2, d] into (window, position, sample) order."""
-    parts = [h.view(B, -1, 2, h.shape[-1]) for h in group_hiddens]
-    return torch.cat(parts, 1).reshape(B * P * 2, -1)
+    """Concatenate per-group hidden states [B, q, d] (queries ordered (position, sample)) into
+    (window, position, sample) rows."""
+    return torch.cat(group_hiddens, 1).reshape(B * P * 2, -1)
 
 
 # ------------------------------------------------------------------------- positions, clamping

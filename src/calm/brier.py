@@ -37,14 +37,22 @@ Brier-n = 2 P(y_{1..n}) - sum_x P(x_{1..n})^2 with
   the joint law of everything the estimator uses is that of two independent paths.
 
 **Rollouts** (both models). One pass over the window with a KV cache gives the keys/values of
-every context prefix at once. For a group of positions, each rollout row gets a copy of that
-cache cut to the group's longest context, with the slots beyond its own context marked invalid
-(never attended) and its continuation appended after them with the right RoPE position ids.
-So every position's continuation sees exactly its own context, all positions of a batch of
-windows advance together (one forward call per continuation step and group, no Python loop over
-positions), and no prefix is recomputed. The alternative -- re-running each position's
-prefix -- costs O(T) backbone work per position instead of O(1) plus an O(T) cache copy.
-Groups bound the memory of the copies (``max_cache_bytes``).
+every context prefix at once; the continuations of all positions then advance together, one
+forward call per continuation step (and memory-bounded group of positions), never a Python loop
+over positions, and no prefix is recomputed. Two ways to let each continuation see exactly its
+own context (tests check both against fresh forward passes):
+
+* shared prefix (default for our `TokenTransformer` / `CALM`): the continuations of a window
+  read the window's cache in place; attention is computed here (`_shared_forward`) as a masked
+  part over the shared context plus a part over the continuation's own earlier keys. No copies:
+  memory and traffic O(B·T) for the cache, O(B·P·T) for the attention scores.
+* forked caches (any model with the interface, e.g. test doubles): each continuation gets a
+  copy of its window's cache cut to its group's longest context, the slots past its own context
+  marked invalid, and the model's own forward runs on it. Simple and generic, but the copies cost
+  O(P·T) memory per window and dominated the run time on CPU (about 5x slower than the shared
+  path at the CPU preset, block 256).
+
+The alternative of re-running every position's prefix costs O(T) backbone work per position.
 """
 
 from __future__ import annotations
@@ -115,33 +123,36 @@ def ar_positions(block_size: int, stride: int = 1) -> torch.Tensor:
 # KV-cache forking
 
 
-def _fork_cache(base, rows: torch.Tensor, prefix_len: int, keep: torch.Tensor, extra: int):
-    """A cache of ``len(rows)`` rows: row r copies the first ``prefix_len`` slots of ``base`` row
-    ``rows[r]`` and may attend only to the first ``keep[r]`` of them; ``extra`` free slots follow.
+def _fork_cache(base, rows: torch.Tensor | int, prefix_len: int, keep: torch.Tensor, extra: int):
+    """A rollout cache forked from ``base``: row r copies the first ``prefix_len`` slots of a base
+    row and may attend only to the first ``keep[r]`` of them; ``extra`` free slots follow.
 
-    One gather per layer and no zero-filling: slots past ``prefix_len`` hold stale values, but
-    they are invalid until the backbone writes them (``KVCache.reserve`` marks them valid at the
-    same step the new keys are stored).
+    rows: an int g (row r copies base row r // g: every base row repeated g times, the layout the
+    estimators use, copied by one broadcast per layer) or a LongTensor of base rows (gather).
+    No zero-filling: slots past ``prefix_len`` hold stale values, but they are invalid until the
+    backbone writes them (``KVCache.reserve`` marks them valid in the step that stores them).
     """
     total = prefix_len + extra
     if total > base.max_len:
         raise ValueError(f"cache fork needs {total} slots, the base cache has {base.max_len}")
+
+    def take(t: torch.Tensor) -> torch.Tensor:
+        t = t[:, :, :total] if t.dim() == 4 else t[:, :total]
+        if isinstance(rows, int):  # expand + clone: one strided copy (index_select on a sliced
+            # cache is ~50x slower on CPU). Always a copy: a view (reshape can return one when a
+            # dimension is 1) would let the rollout write into the base cache or alias its rows.
+            t = t.unsqueeze(1).expand(t.shape[0], rows, *t.shape[1:])
+            return t.clone(memory_format=torch.contiguous_format).view(-1, *t.shape[2:])
+        return t[rows]
+
     fork = copy.copy(base)
-    fork.keys = [k[:, :, :total].index_select(0, rows) for k in base.keys]
-    fork.values = [v[:, :, :total].index_select(0, rows) for v in base.values]
+    fork.keys = [take(k) for k in base.keys]
+    fork.values = [take(v) for v in base.values]
     slots = torch.arange(total, device=keep.device)
-    valid = slots[None, :] < keep[:, None]
-    fork.valid = valid & base.valid[:, :total].index_select(0, rows)
+    fork.valid = (slots[None, :] < keep[:, None]) & take(base.valid)
     fork.length = prefix_len
     fork.max_len = total
     return fork
-
-
-def _groups(num_positions: int, rows_per_position: int, bytes_per_row_slot: int, longest: int, budget: int):
-    """Split positions 0..P-1 into consecutive groups whose cache copies fit in ``budget`` bytes."""
-    per_position = max(1, rows_per_position * bytes_per_row_slot * longest)
-    size = max(1, min(num_positions, budget // per_position))
-    return [(a, min(a + size, num_positions)) for a in range(0, num_positions, size)]
 
 
 def _cache_bytes_per_slot(cache) -> int:
@@ -157,11 +168,137 @@ def _device(model) -> torch.device:
 
 
 def _sample(probs: torch.Tensor, num: int, generator: torch.Generator | None) -> torch.Tensor:
-    """``num`` independent draws per row of ``probs`` [R, V] -> [R, num] (inverse CDF, float64)."""
-    cdf = probs.double().cumsum(-1)
-    u = torch.rand(probs.shape[0], num, generator=generator, device=probs.device, dtype=torch.float64)
+    """``num`` independent draws per row of ``probs`` [R, V] -> [R, num] by inverse CDF.
+
+    The draws follow the float32 CDF's increments exactly (the uniforms are scaled by its last
+    entry), which differ from ``probs`` only by float32 rounding of the running sum (~1e-7)."""
+    cdf = probs.float().cumsum(-1)
+    u = torch.rand(probs.shape[0], num, generator=generator, device=probs.device)
     idx = torch.searchsorted(cdf, u * cdf[:, -1:])
     return idx.clamp_max(probs.shape[-1] - 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rollouts
+
+
+def _shares_prefix(model) -> bool:
+    """Whether the shared-prefix attention below can stand in for the model's own forward: our
+    `Backbone` under an unmodified `TokenTransformer.logits` / `CALM.hidden`."""
+    from calm.models.transformer import Backbone, Block
+
+    backbone = getattr(model, "backbone", None)
+    if not isinstance(backbone, Backbone) or not all(isinstance(b, Block) for b in backbone.layers):
+        return False
+    kind = getattr(model.config, "kind", None)
+    if kind == "ar":
+        from calm.models.ar import TokenTransformer
+
+        return isinstance(model, TokenTransformer) and type(model).logits is TokenTransformer.logits
+    if kind == "calm":
+        from calm.models.calm import CALM
+
+        return isinstance(model, CALM) and type(model).hidden is CALM.hidden
+    return False
+
+
+class _Rollout:
+    """Continuations of Q queries in every window of a batch: query q may attend to the first
+    ``ctx[q]`` slots of its window's KV cache ``base`` (its context) and to its own earlier steps.
+
+    shared=True: the queries of a window read the window's cache in place (no copies); attention
+    is computed here as a masked part over the shared context plus a part over the query's own
+    earlier keys, one call per step for all queries (`_shared_forward`).
+    shared=False: any model with the interface; each query gets a copy of its window's cache
+    (`_fork_cache`) and the model's own forward runs on it.
+    """
+
+    def __init__(self, model, base, ctx: torch.Tensor, extra: int, shared: bool):
+        self.model, self.base, self.shared = model, base, shared
+        self.B, self.Q = base.valid.shape[0], len(ctx)
+        self.prefix = int(ctx.max())
+        if shared:
+            slots = torch.arange(self.prefix, device=ctx.device)
+            # [B, 1, 1, Q, S]: context slots of each query (and real slots of the window)
+            self.mask = ((slots[None, :] < ctx[:, None])[None] & base.valid[:, None, : self.prefix])[
+                :, None, None
+            ]
+            self.own: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(base.keys)
+        else:
+            self.fork = _fork_cache(base, self.Q, self.prefix, ctx.repeat(self.B), extra)
+
+    def backbone(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Shared path: hidden states [B, Q, d] for inputs [B, Q, d] at position ids [Q]."""
+        return _shared_forward(self.model.backbone, x, positions, self)
+
+
+def _shared_forward(backbone, x: torch.Tensor, positions: torch.Tensor, roll: _Rollout) -> torch.Tensor:
+    """One step of every query through `backbone` (`calm.models.transformer.Backbone`), the same
+    computation as ``Backbone.forward`` with a KV cache, but with per-query context masks over
+    one shared cache instead of one cache copy per query."""
+    from calm.models.layers import apply_rotary
+
+    B, Q, _ = x.shape
+    cos, sin = backbone.rotary(positions[None].expand(B, Q))
+    S = roll.prefix
+    for i, layer in enumerate(backbone.layers):
+        a = layer.attn
+        H, Hkv, hd = a.num_heads, a.kv_heads, a.head_dim
+        h = layer.attn_norm(x)
+        q = a.q_proj(h).view(B, Q, H, hd).transpose(1, 2)
+        k = a.k_proj(h).view(B, Q, Hkv, hd).transpose(1, 2)
+        v = a.v_proj(h).view(B, Q, Hkv, hd).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        prev = roll.own[i]
+        own_k = (
+            k[:, :, :, None] if prev is None else torch.cat([prev[0], k[:, :, :, None]], 3)
+        )  # [B,Hkv,Q,j,hd]
+        own_v = v[:, :, :, None] if prev is None else torch.cat([prev[1], v[:, :, :, None]], 3)
+        roll.own[i] = (own_k, own_v)
+        ctx_k = roll.base.keys[i][:, :, :S]  # [B, Hkv, S, hd]
+        ctx_v = roll.base.values[i][:, :, :S]
+        qg = q.reshape(B, Hkv, H // Hkv, Q, hd) * hd**-0.5  # grouped-query heads share a kv head
+        s_ctx = torch.einsum("bkgqd,bksd->bkgqs", qg, ctx_k).masked_fill(~roll.mask, float("-inf"))
+        s_own = torch.einsum("bkgqd,bkqjd->bkgqj", qg, own_k)
+        w = torch.softmax(torch.cat([s_ctx, s_own], -1).float(), -1).to(v.dtype)
+        out = torch.einsum("bkgqs,bksd->bkgqd", w[..., :S], ctx_v)
+        out = out + torch.einsum("bkgqj,bkqjd->bkgqd", w[..., S:], own_v)
+        x = x + a.o_proj(out.reshape(B, H, Q, hd).transpose(1, 2).reshape(B, Q, H * hd))
+        x = x + layer.mlp(layer.mlp_norm(x))
+    return backbone.norm(x)
+
+
+def _ar_step(model, roll: _Rollout, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Next-token logits [B, Q, V] after feeding tokens [B, Q] at position ids [Q]."""
+    if roll.shared:
+        return model.lm_head(roll.backbone(model.embed(tokens), positions))
+    B, Q = tokens.shape
+    out = model.logits(tokens.reshape(B * Q, 1), positions=positions.repeat(B)[:, None], cache=roll.fork)
+    return out.view(B, Q, -1)
+
+
+def _calm_step(model, roll: _Rollout, chunks: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Hidden states [B, Q, d] after feeding chunks [B, Q, K] at chunk position ids [Q]."""
+    if roll.shared:
+        return roll.backbone(model.chunk_inputs(chunks), positions)
+    B, Q, K = chunks.shape
+    out = model.hidden(chunks.reshape(B * Q, 1, K), positions=positions.repeat(B)[:, None], cache=roll.fork)
+    return out.view(B, Q, -1)
+
+
+def _query_groups(Q: int, shared: bool, bytes_per_query: int, budget: int) -> list[tuple[int, int]]:
+    """Consecutive groups of queries whose working memory fits in ``budget`` bytes."""
+    size = max(1, min(Q, budget // max(1, bytes_per_query)))
+    return [(a, min(a + size, Q)) for a in range(0, Q, size)]
+
+
+def _bytes_per_query(model, base, B: int, S: int, width: int, shared: bool) -> int:
+    """Working memory of one query in all B windows: a cache copy (fork) or attention scores
+    (shared), plus the [width] output row (logits or hidden) a few times over."""
+    if shared:
+        heads = model.backbone.config.num_heads
+        return B * 4 * (3 * heads * S + 4 * width)
+    return B * (_cache_bytes_per_slot(base) * S + 4 * 4 * width)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,11 +312,14 @@ def calm_window_scores(
     *,
     generator: torch.Generator | None = None,
     max_cache_bytes: int = DEFAULT_MAX_CACHE_BYTES,
+    shared_prefix: bool | None = None,
 ) -> WindowScores:
     """Brier-1..4 estimates of a CALM model on windows [B, T] at chunk-aligned positions.
 
     ``model`` needs ``config.chunk_size``, ``hidden(chunks_or_tokens, positions=, cache=)``,
     ``sample_chunks(hidden, n, generator=)`` and ``new_cache(rows, max_len)`` (`calm.models.calm.CALM`).
+    shared_prefix: rollout attention over one shared cache per window (default: when the model
+    is our CALM) or per-query cache copies through the model's own forward (False).
     """
     K = int(model.config.chunk_size)
     device = _device(model)
@@ -195,26 +335,23 @@ def calm_window_scores(
     if steps == 1:
         samples = first[..., :NGRAM]
     else:
-        per_slot = _cache_bytes_per_slot(cache)
+        shared = _shares_prefix(model) if shared_prefix is None else shared_prefix
+        # queries ordered (position, sample); query of chunk position i sees chunks 0..i
+        chunk_idx = torch.arange(P, device=device).repeat_interleave(2)
+        per_query = _bytes_per_query(model, cache, B, P, h.shape[-1], shared)
         parts = []
-        for a, b in _groups(P, 2 * B, per_slot, P, max_cache_bytes):
-            g = b - a
-            # rows ordered (window, position, sample)
-            rows = torch.arange(B, device=device).repeat_interleave(2 * g)
-            chunk_idx = (
-                torch.arange(a, b, device=device).repeat_interleave(2).repeat(B)
-            )  # i: sees chunks 0..i
-            fork = _fork_cache(cache, rows, b, chunk_idx + 1, steps - 1)
-            cur = first[:, a:b].reshape(B * g * 2, K)
-            pos = chunk_idx + 1  # the sampled chunk sits at chunk position i + 1
+        for a, b in _query_groups(2 * P, shared, per_query, max_cache_bytes):
+            roll = _Rollout(model, cache, chunk_idx[a:b] + 1, steps - 1, shared)
+            cur = first.flatten(1, 2)[:, a:b]  # [B, q, K]
+            pos = chunk_idx[a:b] + 1  # the sampled chunk sits at chunk position i + 1
             out = [cur]
             for _ in range(steps - 1):
-                hr = model.hidden(cur[:, None, :], positions=pos[:, None], cache=fork)  # [rows, 1, d]
-                cur = model.sample_chunks(hr[:, 0], 1, generator=generator)[:, 0]  # [rows, K]
+                hr = _calm_step(model, roll, cur, pos)  # [B, q, d]
+                cur = model.sample_chunks(hr, 1, generator=generator)[:, :, 0]  # [B, q, K]
                 out.append(cur)
                 pos = pos + 1
-            parts.append(torch.cat(out, -1)[:, :NGRAM].view(B, g, 2, NGRAM))
-        samples = torch.cat(parts, 1)
+            parts.append(torch.cat(out, -1)[..., :NGRAM])
+        samples = torch.cat(parts, 1).view(B, P, 2, NGRAM)
     est = brier_from_samples(samples[..., 0, :], samples[..., 1, :], y).double()
     return WindowScores(est, t.cpu())
 
@@ -232,11 +369,13 @@ def ar_window_scores(
     stride: int = 1,
     collision: str = "pair",
     max_cache_bytes: int = DEFAULT_MAX_CACHE_BYTES,
+    shared_prefix: bool | None = None,
 ) -> WindowScores:
     """Brier-1..4 estimates of a token model on windows [B, T] (module docstring), plus its NLL.
 
     ``model`` needs ``logits(tokens, positions=None, valid=None, cache=None) -> [B, T, V]`` and
-    ``new_cache(rows, max_len)`` (`calm.models.ar.TokenTransformer`).
+    ``new_cache(rows, max_len)`` (`calm.models.ar.TokenTransformer`). shared_prefix: as in
+    `calm_window_scores`.
     """
     if collision not in COLLISION_ESTIMATORS:
         raise ValueError(f"collision must be one of {COLLISION_ESTIMATORS}, got {collision!r}")
@@ -254,35 +393,33 @@ def ar_window_scores(
     accuracy = 2 * tok_lp[:, t[:, None] - 1 + offsets].double().cumsum(-1).exp()  # [B, P, 4]
 
     p0 = logp[:, t - 1].exp()  # [B, P, V]: next-token distribution at each position
+    V = p0.shape[-1]
     del logp
     collide = torch.zeros(B, P, NGRAM, dtype=torch.float64, device=device)
     collide[..., 0] = p0.double().square().sum(-1)  # exact for n = 1
     pair = collision == "pair"
-    draws = _sample(p0.reshape(B * P, -1), 2 if pair else 1, generator).view(B, P, -1)
-    per_slot = _cache_bytes_per_slot(cache)
-    for a, b in _groups(P, B, per_slot, int(t[-1]) + NGRAM - 1, max_cache_bytes):
+    draws = _sample(p0.reshape(B * P, V), 2 if pair else 1, generator).view(B, P, -1)
+    shared = _shares_prefix(model) if shared_prefix is None else shared_prefix
+    per_query = _bytes_per_query(model, cache, B, int(t[-1]) + NGRAM - 1, V, shared)
+    for a, b in _query_groups(P, shared, per_query, max_cache_bytes):
         g = b - a
-        rows = torch.arange(B, device=device).repeat_interleave(g)  # rows ordered (window, position)
-        ctx = t[a:b].repeat(B)
-        fork = _fork_cache(cache, rows, int(t[b - 1]), ctx, NGRAM - 1)
-        first = draws[:, a:b].reshape(B * g, -1)
-        cur = first[:, 0]  # the followed path
-        agree = first[:, 0] == first[:, -1]  # pair: the two prefixes agree so far
-        prob = p0[:, a:b].reshape(B * g, -1).gather(-1, cur[:, None])[:, 0].double()  # expected: P(prefix)
-        pos = ctx.clone()
+        roll = _Rollout(model, cache, t[a:b], NGRAM - 1, shared)
+        cur = draws[:, a:b, 0]  # [B, g]: the followed path
+        agree = draws[:, a:b, 0] == draws[:, a:b, -1]  # pair: the two prefixes agree so far
+        prob = p0[:, a:b].gather(-1, cur[..., None])[..., 0].double()  # expected: P(prefix)
+        pos = t[a:b].clone()
         for j in range(1, NGRAM):
-            p = F.softmax(model.logits(cur[:, None], positions=pos[:, None], cache=fork)[:, 0].float(), -1)
-            square = p.double().square().sum(-1)
-            weight = agree.double() if pair else prob
-            collide[:, a:b, j] = (weight * square).view(B, g)
+            p = F.softmax(_ar_step(model, roll, cur, pos).float(), -1)  # [B, g, V]
+            square = p.square().sum(-1).double()
+            collide[:, a:b, j] = (agree.double() if pair else prob) * square
             if j == NGRAM - 1:
                 break
-            nxt = _sample(p, 2 if pair else 1, generator)
-            cur = nxt[:, 0]
+            nxt = _sample(p.view(B * g, V), 2 if pair else 1, generator).view(B, g, -1)
+            cur = nxt[..., 0]
             if pair:
-                agree = agree & (nxt[:, 0] == nxt[:, 1])
+                agree = agree & (nxt[..., 0] == nxt[..., 1])
             else:
-                prob = prob * p.gather(-1, cur[:, None])[:, 0].double()
+                prob = prob * p.gather(-1, cur[..., None])[..., 0].double()
             pos = pos + 1
     return WindowScores(accuracy - collide, t.cpu(), nll_sum, B * (T - 1))
 
