@@ -182,6 +182,17 @@ def _sample(probs: torch.Tensor, num: int, generator: torch.Generator | None) ->
 # Rollouts
 
 
+def _use_shared(model, shared_prefix: bool | None) -> bool:
+    if shared_prefix is None:
+        return _shares_prefix(model)
+    if shared_prefix and not _shares_prefix(model):
+        raise ValueError(
+            f"shared_prefix=True needs our TokenTransformer or CALM with the standard Backbone, "
+            f"not {type(model).__name__}"
+        )
+    return bool(shared_prefix)
+
+
 def _shares_prefix(model) -> bool:
     """Whether the shared-prefix attention below can stand in for the model's own forward: our
     `Backbone` under an unmodified `TokenTransformer.logits` / `CALM.hidden`."""
@@ -335,7 +346,7 @@ def calm_window_scores(
     if steps == 1:
         samples = first[..., :NGRAM]
     else:
-        shared = _shares_prefix(model) if shared_prefix is None else shared_prefix
+        shared = _use_shared(model, shared_prefix)
         # queries ordered (position, sample); query of chunk position i sees chunks 0..i
         chunk_idx = torch.arange(P, device=device).repeat_interleave(2)
         per_query = _bytes_per_query(model, cache, B, P, h.shape[-1], shared)
@@ -399,7 +410,7 @@ def ar_window_scores(
     collide[..., 0] = p0.double().square().sum(-1)  # exact for n = 1
     pair = collision == "pair"
     draws = _sample(p0.reshape(B * P, V), 2 if pair else 1, generator).view(B, P, -1)
-    shared = _shares_prefix(model) if shared_prefix is None else shared_prefix
+    shared = _use_shared(model, shared_prefix)
     per_query = _bytes_per_query(model, cache, B, int(t[-1]) + NGRAM - 1, V, shared)
     for a, b in _query_groups(P, shared, per_query, max_cache_bytes):
         g = b - a

@@ -155,6 +155,7 @@ def _score(
     collision: str,
     max_cache_bytes: int,
     progress: bool,
+    shared_prefix: bool | None = None,
 ) -> tuple[BrierAccumulator, _Stats]:
     from tqdm.auto import tqdm
 
@@ -182,6 +183,7 @@ def _score(
                 stride=ar_stride,
                 collision=collision,
                 max_cache_bytes=max_cache_bytes,
+                shared_prefix=shared_prefix,
             )
             acc.add(scores.estimates)
             stats.add(scores, len(batch))
@@ -277,6 +279,7 @@ def evaluate_model(
     level: float = 0.95,
     progress: bool = False,
     max_cache_bytes: int = DEFAULT_MAX_CACHE_BYTES,
+    shared_prefix: bool | None = None,
 ) -> dict[str, Any]:
     """Evaluate a loaded model on tokens; returns a plain dict (JSON-ready).
 
@@ -286,6 +289,8 @@ def evaluate_model(
     max_tokens: evaluate at most this many tokens (whole windows).
     seed: the samples drawn (head samples, rollouts) come from a generator seeded with it, so a
         result is reproducible on the same device.
+    max_cache_bytes / shared_prefix: memory bound of a rollout group, and the rollout attention
+        path (see `calm.brier`; None picks the shared-prefix path for our models).
 
     For CALM and the token baseline: brier_1..4 with standard errors (``brier_n_se``), brier_lm
     with its delta-method standard error and a ``level`` confidence interval (`BrierAccumulator`),
@@ -322,6 +327,7 @@ def evaluate_model(
         collision=collision,
         max_cache_bytes=max_cache_bytes,
         progress=progress,
+        shared_prefix=shared_prefix,
     )
     return _result(
         model,
