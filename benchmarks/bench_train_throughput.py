@@ -331,7 +331,11 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"warning: load average {load:.1f} on {os.cpu_count()} cores: {meta['threads']} more thread(s) "
             "oversubscribe the machine, so wall times will be noisy"
-            + (" (consider --threads 1)" if meta["threads"] > 1 else "; the CPU-time ratio is the steadier one"),
+            + (
+                " (consider --threads 1)"
+                if meta["threads"] > 1
+                else "; the CPU-time ratio is the steadier one"
+            ),
             file=sys.stderr,
         )
     results = []
