@@ -62,7 +62,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from calm.metrics import brier_from_samples
 
@@ -167,15 +166,40 @@ def _device(model) -> torch.device:
         return torch.device("cpu")
 
 
-def _sample(probs: torch.Tensor, num: int, generator: torch.Generator | None) -> torch.Tensor:
-    """``num`` independent draws per row of ``probs`` [R, V] -> [R, num] by inverse CDF.
+class _NextToken:
+    """Next-token distributions p = softmax(logits [..., V]) and what the estimator needs of
+    them in few passes over V: sum_v p(v)^2, p(x), and inverse-CDF sampling in two levels (a
+    running sum over blocks of ``BLOCK`` tokens, then within the chosen block), which avoids a
+    sequential running sum over the whole vocabulary. The draws follow p up to float32 rounding
+    of the partial sums (~1e-7 relative)."""
 
-    The draws follow the float32 CDF's increments exactly (the uniforms are scaled by its last
-    entry), which differ from ``probs`` only by float32 rounding of the running sum (~1e-7)."""
-    cdf = probs.float().cumsum(-1)
-    u = torch.rand(probs.shape[0], num, generator=generator, device=probs.device)
-    idx = torch.searchsorted(cdf, u * cdf[:, -1:])
-    return idx.clamp_max(probs.shape[-1] - 1)
+    BLOCK = 128
+
+    def __init__(self, logits: torch.Tensor):
+        self.p = torch.softmax(logits.float(), -1)
+        self.square = torch.linalg.vector_norm(self.p, dim=-1).double().square()
+
+    def prob(self, idx: torch.Tensor) -> torch.Tensor:
+        """p(idx) (float64), idx [...]."""
+        return self.p.gather(-1, idx[..., None])[..., 0].double()
+
+    def sample(self, num: int, generator: torch.Generator | None) -> torch.Tensor:
+        """``num`` independent draws per distribution -> [..., num]."""
+        V = self.p.shape[-1]
+        e = self.p.reshape(-1, V)
+        R = e.shape[0]
+        blk = min(self.BLOCK, V)
+        nb = -(-V // blk)
+        if nb * blk != V:
+            e = torch.nn.functional.pad(e, (0, nb * blk - V))
+        blocks = e.view(R, nb, blk)
+        cdf = blocks.sum(-1).cumsum(-1)  # [R, nb]
+        u = torch.rand(R, num, generator=generator, device=e.device) * cdf[:, -1:]
+        k = torch.searchsorted(cdf, u).clamp_max(nb - 1)  # block of each draw [R, num]
+        below = torch.where(k > 0, cdf.gather(1, (k - 1).clamp_min(0)), torch.zeros_like(u))
+        inner = blocks[torch.arange(R, device=e.device)[:, None], k].cumsum(-1)  # [R, num, blk]
+        i = torch.searchsorted(inner, (u - below)[..., None])[..., 0].clamp_max(blk - 1)
+        return (k * blk + i).clamp_max(V - 1).view(*self.p.shape[:-1], num)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -396,41 +420,40 @@ def ar_window_scores(
     t = ar_positions(T, stride).to(device)  # [P] context lengths
     P = len(t)
     cache = model.new_cache(B, T)
-    logp = F.log_softmax(model.logits(windows, cache=cache).float(), -1)  # [B, T, V]
+    logits = model.logits(windows, cache=cache).float()  # [B, T, V]
     # tok_lp[:, s] = log p(w[s + 1] | w[:s + 1])
-    tok_lp = logp[:, :-1].gather(-1, windows[:, 1:, None])[..., 0]  # [B, T-1]
+    tok_lp = logits[:, :-1].gather(-1, windows[:, 1:, None])[..., 0] - logits[:, :-1].logsumexp(-1)
     nll_sum = -float(tok_lp.double().sum())
     offsets = torch.arange(NGRAM, device=device)
     accuracy = 2 * tok_lp[:, t[:, None] - 1 + offsets].double().cumsum(-1).exp()  # [B, P, 4]
 
-    p0 = logp[:, t - 1].exp()  # [B, P, V]: next-token distribution at each position
-    V = p0.shape[-1]
-    del logp
+    first = _NextToken(logits[:, t - 1])  # [B, P, V]: next-token distribution at each position
+    del logits
     collide = torch.zeros(B, P, NGRAM, dtype=torch.float64, device=device)
-    collide[..., 0] = p0.double().square().sum(-1)  # exact for n = 1
+    collide[..., 0] = first.square  # exact for n = 1
     pair = collision == "pair"
-    draws = _sample(p0.reshape(B * P, V), 2 if pair else 1, generator).view(B, P, -1)
+    draws = first.sample(2 if pair else 1, generator)  # [B, P, 1 or 2]
+    first_prob = first.prob(draws[..., 0])
     shared = _use_shared(model, shared_prefix)
+    V = first.p.shape[-1]
     per_query = _bytes_per_query(model, cache, B, int(t[-1]) + NGRAM - 1, V, shared)
     for a, b in _query_groups(P, shared, per_query, max_cache_bytes):
-        g = b - a
         roll = _Rollout(model, cache, t[a:b], NGRAM - 1, shared)
         cur = draws[:, a:b, 0]  # [B, g]: the followed path
         agree = draws[:, a:b, 0] == draws[:, a:b, -1]  # pair: the two prefixes agree so far
-        prob = p0[:, a:b].gather(-1, cur[..., None])[..., 0].double()  # expected: P(prefix)
+        prob = first_prob[:, a:b]  # expected: P(prefix)
         pos = t[a:b].clone()
         for j in range(1, NGRAM):
-            p = F.softmax(_ar_step(model, roll, cur, pos).float(), -1)  # [B, g, V]
-            square = p.square().sum(-1).double()
-            collide[:, a:b, j] = (agree.double() if pair else prob) * square
+            nxt = _NextToken(_ar_step(model, roll, cur, pos))  # [B, g, V]
+            collide[:, a:b, j] = (agree.double() if pair else prob) * nxt.square
             if j == NGRAM - 1:
                 break
-            nxt = _sample(p.view(B * g, V), 2 if pair else 1, generator).view(B, g, -1)
-            cur = nxt[..., 0]
+            x = nxt.sample(2 if pair else 1, generator)
+            cur = x[..., 0]
             if pair:
-                agree = agree & (nxt[..., 0] == nxt[..., 1])
+                agree = agree & (x[..., 0] == x[..., 1])
             else:
-                prob = prob * p.gather(-1, cur[..., None])[..., 0].double()
+                prob = prob * nxt.prob(cur)
             pos = pos + 1
     return WindowScores(accuracy - collide, t.cpu(), nll_sum, B * (T - 1))
 
