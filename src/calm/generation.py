@@ -47,6 +47,7 @@ Decoding the candidates is the cost of low temperature
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 import weakref
@@ -255,7 +256,8 @@ def tied_argmax(hidden: torch.Tensor, weight: torch.Tensor, *, screen: bool | No
     whose bf16 GEMMs may reduce partial sums in bf16). Only tokens with l~_v >= max l~ - 2 eps
     can be the argmax; they are found via group maxima over 16-token groups and rescored in
     float32 (a handful per row). ``screen=None`` picks the screen for float32 inputs when the
-    device has fast bf16 and the matmul is large. Other dtypes use the direct path.
+    device has fast bf16 and the weight is large (V·d >= 2^20: reading half the bytes pays even
+    for a single row). Other dtypes use the direct path.
     """
     R, d = hidden.shape
     V = weight.shape[0]
@@ -263,7 +265,7 @@ def tied_argmax(hidden: torch.Tensor, weight: torch.Tensor, *, screen: bool | No
         screen = (
             hidden.dtype == torch.float32
             and weight.dtype == torch.float32
-            and R * V * d >= (1 << 24)
+            and V * d >= (1 << 20)
             and _fast_bf16(hidden.device)
         )
     if not screen or R == 0:
@@ -283,12 +285,9 @@ def _screened_argmax(h: torch.Tensor, weight: torch.Tensor, s: _Screen) -> torch
     V = weight.shape[0]
     gs = _SCREEN_GROUP
     hb = h.to(torch.bfloat16)
-    if R >= 64:  # [Vp, R]: the group reduction runs along the contiguous R, vectorised
-        grouped = F.linear(s.weight_bf16, hb).view(s.groups, gs, R)
-        group_max = grouped.amax(dim=1).float().t()  # [R, G]
-    else:  # few rows: [R, Vp] is the faster matmul
-        grouped = F.linear(hb, s.weight_bf16).view(R, s.groups, gs)
-        group_max = grouped.amax(dim=2).float()
+    # [Vp, R]: the weight streams through once and the group reduction runs along R (contiguous)
+    grouped = F.linear(s.weight_bf16, hb).view(s.groups, gs, R)
+    group_max = grouped.amax(dim=1).float().t()  # [R, G]
     top = group_max.amax(dim=1)  # [R]
     u = 2.0**-8
     coef = (12 * u if h.device.type == "cuda" else 3.05 * u) + 1.1 * d * 2.0**-24
@@ -297,7 +296,7 @@ def _screened_argmax(h: torch.Tensor, weight: torch.Tensor, s: _Screen) -> torch
     r, g = (group_max >= threshold.unsqueeze(1)).nonzero(as_tuple=True)  # a few groups per row
     if r.numel() > 8 * R + 64:  # not selective (e.g. all logits tied): the direct path is cheaper
         return F.linear(h, weight.float()).max(dim=-1).indices
-    vals = (grouped[g, :, r] if R >= 64 else grouped[r, g]).float()  # [P, gs]
+    vals = grouped[g, :, r].float()  # [P, gs]
     p, j = (vals >= threshold[r].unsqueeze(1)).nonzero(as_tuple=True)
     rows = r[p]
     tokens = (g[p] * gs + j).clamp_(max=V - 1)
@@ -521,6 +520,7 @@ class _Rows:
         self.stream = stream
         self.active = torch.arange(B, device=device)  # original index of each batch row
         self.active_list = list(range(B))
+        self.all_rows = True  # no row dropped yet: write with a plain slice
         self.done = torch.zeros(B, dtype=torch.bool, device=device)  # over the current rows
         self.filled = 0
         self.streamed_done = [False] * B  # per original row: its end has been streamed
@@ -530,7 +530,10 @@ class _Rows:
         have just finished (or None); all finished -> an empty tensor."""
         k = tokens.shape[1]
         start = self.filled
-        self.out[self.active, start : start + k] = tokens
+        if self.all_rows:
+            self.out[:, start : start + k] = tokens
+        else:
+            self.out[self.active, start : start + k] = tokens
         self.filled += k
         if self.stream is not None:
             self._stream(tokens, start)
@@ -555,6 +558,7 @@ class _Rows:
 
     def select(self, keep: torch.Tensor) -> None:
         self.active = self.active[keep]
+        self.all_rows = False
         self.done = self.done[keep]
         self.active_list = self.active.tolist()
 
@@ -583,13 +587,33 @@ _DTYPES.update({"float32": torch.float32, "fp32": torch.float32})
 
 
 def _decode_dtype(value, model) -> torch.dtype | None:
-    """None, or the autocast dtype for CALM's candidate decoding (None if it is the model's)."""
+    """None, or the dtype for CALM's head and decoder (None if it is the model's)."""
     if value is None or value == "model":
         return None
     dtype = _DTYPES.get(value) if isinstance(value, str) else value
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise GenerationError(f"decode_dtype must be None, 'bfloat16', 'float16' or 'float32', got {value!r}")
     return None if dtype == next(model.parameters()).dtype else dtype
+
+
+_low_copies: dict[int, tuple[weakref.ref, tuple, torch.dtype, object, object]] = {}
+
+
+def _low_precision_copies(model, dtype: torch.dtype):
+    """Copies of CALM's energy head and autoencoder in `dtype`, cached while the weights are
+    unchanged (autocast would re-cast every weight at every step, which costs more than it
+    saves when a step decodes few latents)."""
+    params = list(model.head.parameters()) + list(model.autoencoder.parameters())
+    signature = tuple((p.data_ptr(), p._version) for p in params)
+    ref, sig, dt, head, ae = _low_copies.get(id(model), (None, None, None, None, None))
+    if ref is not None and ref() is model and sig == signature and dt == dtype:
+        return head, ae
+    head = copy.deepcopy(model.head).to(dtype)
+    ae = copy.deepcopy(model.autoencoder).to(dtype)
+    for key in [k for k, v in _low_copies.items() if v[0]() is None]:
+        del _low_copies[key]
+    _low_copies[id(model)] = (weakref.ref(model), signature, dtype, head, ae)
+    return head, ae
 
 
 def _model_kind(model) -> str:
@@ -663,10 +687,10 @@ def generate(
         drop_finished: remove finished rows from the batch (and KV cache) to save compute.
         screen: force (True) or forbid (False) the bf16-screened exact argmax of `tied_argmax`
             for decoding CALM's candidates; None: automatic.
-        decode_dtype: run CALM's energy head and autoencoder decoder in this dtype (autocast),
-            e.g. torch.bfloat16: several times faster at T < 1, where every step decodes N
-            candidates, but a candidate whose top two token logits are within bf16 rounding
-            may decode differently. Default None: the model's own dtype (exact decoding; the
+        decode_dtype: run CALM's energy head and autoencoder decoder in this dtype (cached
+            copies of their weights), e.g. torch.bfloat16: faster where bf16 matmuls are fast
+            (AMX CPUs, CUDA), most at T < 1 where every step decodes N candidates, but a latent
+            whose top two token logits are within bf16 rounding may decode differently. Default None: the model's own dtype (exact decoding; the
             vocabulary argmax is still bf16-screened where that is exact, see `tied_argmax`).
         profile: time the phases of a step (in stats.phases; synchronises CUDA).
         return_stats: also return a `GenerationStats`.
@@ -874,10 +898,10 @@ def _generate_calm(
             timer.lap("head")
             c = decode_chunks(ae, z, screen=screen)  # [b, m, K]
         else:
-            with torch.autocast(device.type, dtype=decode_dtype):
-                z = head(h, noise)
-                timer.lap("head")
-                hid = ae.decode_hidden(z)  # [b, m, K, d]
+            low_head, low_ae = _low_precision_copies(model, decode_dtype)
+            z = low_head(h.to(decode_dtype), noise.to(decode_dtype))
+            timer.lap("head")
+            hid = low_ae.decode_hidden(z)  # [b, m, K, d]
             c = tied_argmax(hid.float().flatten(0, -2), ae.lm_head.weight, screen=screen).view(hid.shape[:-1])
         timer.lap("decode")
         return c
