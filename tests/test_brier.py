@@ -359,6 +359,32 @@ def _regroup_kv_heads(model) -> None:
             setattr(a, name, lin)
 
 
+@pytest.mark.parametrize("V", [5, 300, 1024])
+def test_next_token_sampler_follows_the_distribution(V):
+    """Two-level inverse-CDF sampling (blocks of 128, padded when V is not a multiple)."""
+    from calm.brier import _NextToken
+
+    gen = torch.Generator().manual_seed(V)
+    logits = 2.5 * torch.randn(3, V, generator=gen)
+    logits[1, : V // 2] = -float("inf")  # zero-probability tokens are never drawn
+    nt = _NextToken(logits)
+    p = torch.softmax(logits.double(), -1)
+    torch.testing.assert_close(nt.square, p.square().sum(-1), rtol=1e-5, atol=0)
+    n = 100_000
+    draws = nt.sample(n, torch.Generator().manual_seed(1))  # [3, n]
+    assert draws.shape == (3, n) and int(draws.min()) >= 0 and int(draws.max()) < V
+    assert not bool((draws[1] < V // 2).any())
+    counts = torch.stack([torch.bincount(d, minlength=V) for d in draws]).double()
+    expected = p * n
+    ok = expected >= 10  # normal approximation per cell; the rest pooled
+    z = (counts - expected)[ok] / (expected * (1 - p)).sqrt()[ok]
+    assert float(z.abs().max()) < 5.0, float(z.abs().max())
+    rest = (counts - expected).masked_fill(ok, 0).sum(-1) / expected.masked_fill(ok, 0).sum(-1).clamp_min(
+        1
+    ).sqrt()
+    assert float(rest.abs().max()) < 5.0
+
+
 # ------------------------------------------------------------------------- CALM
 @pytest.mark.parametrize("K", [1, 2, 3, 4, 5])
 def test_calm_estimator_unbiased_on_chunk_sampler(K):

@@ -195,10 +195,10 @@ class _NextToken:
         blocks = e.view(R, nb, blk)
         cdf = blocks.sum(-1).cumsum(-1)  # [R, nb]
         u = torch.rand(R, num, generator=generator, device=e.device) * cdf[:, -1:]
-        k = torch.searchsorted(cdf, u).clamp_max(nb - 1)  # block of each draw [R, num]
+        k = torch.searchsorted(cdf, u, right=True).clamp_max(nb - 1)  # block of each draw [R, num]
         below = torch.where(k > 0, cdf.gather(1, (k - 1).clamp_min(0)), torch.zeros_like(u))
         inner = blocks[torch.arange(R, device=e.device)[:, None], k].cumsum(-1)  # [R, num, blk]
-        i = torch.searchsorted(inner, (u - below)[..., None])[..., 0].clamp_max(blk - 1)
+        i = torch.searchsorted(inner, (u - below)[..., None], right=True)[..., 0].clamp_max(blk - 1)
         return (k * blk + i).clamp_max(V - 1).view(*self.p.shape[:-1], num)
 
 
