@@ -202,6 +202,17 @@ def test_text_formats_are_tokenized_with_eot_between_documents(tok, data_files, 
     assert len(capped) == 50 and torch.equal(capped, tokens[:50])
 
 
+def test_evaluate_model_reads_token_shards(tok, data_files):
+    from calm.data import TokenShards
+
+    shards = TokenShards(data_files["prepared"], "val")  # a uint16 memory map
+    ar = _ar(tok)
+    r = evaluate_model(ar, shards, block_size=32, max_tokens=96, seed=0)
+    assert r["windows"] == 3
+    r2 = evaluate_model(ar, torch.from_numpy(shards.tokens[:96].astype("int64")), block_size=32, seed=0)
+    assert r["brier_lm"] == r2["brier_lm"] and r["ce"] == r2["ce"]
+
+
 def test_prepared_directory_uses_its_split(tok, data_files):
     from calm.data import TokenShards
 

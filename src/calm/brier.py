@@ -49,8 +49,8 @@ own context (tests check both against fresh forward passes):
 * forked caches (any model with the interface, e.g. test doubles): each continuation gets a
   copy of its window's cache cut to its group's longest context, the slots past its own context
   marked invalid, and the model's own forward runs on it. Simple and generic, but the copies cost
-  O(P·T) memory per window and dominated the run time on CPU (about 5x slower than the shared
-  path at the CPU preset, block 256).
+  O(P·T) memory and traffic per window: 1.8x the CPU time of the shared path at the CPU preset,
+  block 256 (benchmarks/bench_eval.py).
 
 The alternative of re-running every position's prefix costs O(T) backbone work per position.
 """

@@ -58,31 +58,36 @@ def model_context_tokens(model) -> int:
 
 
 def make_windows(tokens, block_size: int, max_tokens: int | None = None) -> torch.Tensor:
-    """Consecutive non-overlapping windows [N, block_size] of a flat token stream (a ragged tail
-    is dropped); ``max_tokens`` caps the tokens covered."""
+    """Consecutive non-overlapping windows [N, block_size] of a flat token stream (a tensor or
+    array, e.g. a memory map: only the part used is read); a ragged tail is dropped and
+    ``max_tokens`` caps the tokens covered."""
     if block_size < 1:
         raise ValueError(f"block size must be >= 1, got {block_size}")
-    flat = torch.as_tensor(np.asarray(tokens) if not torch.is_tensor(tokens) else tokens).reshape(-1)
-    total = flat.numel() if max_tokens is None else min(flat.numel(), int(max_tokens))
+    available = len(tokens)
+    total = available if max_tokens is None else min(available, int(max_tokens))
     n = total // block_size
     if n == 0:
         what = (
             f"--max-tokens {max_tokens}"
-            if max_tokens is not None and max_tokens < flat.numel()
-            else (f"{flat.numel():,} tokens")
+            if max_tokens is not None and max_tokens < available
+            else f"{available:,} tokens"
         )
         raise ValueError(
             f"no complete window of {block_size} tokens to evaluate ({what}); "
             "give more data or a smaller --block-size"
         )
-    return flat[: n * block_size].long().view(n, block_size)
+    part = tokens[: n * block_size]
+    part = part.long() if torch.is_tensor(part) else torch.from_numpy(np.asarray(part).astype(np.int64))
+    return part.view(n, block_size)
 
 
 def _as_windows(data, block_size: int | None, max_tokens: int | None) -> torch.Tensor:
     if hasattr(data, "tokens") and hasattr(data, "split"):  # calm.data.TokenShards
         data = data.tokens
-    t = data if torch.is_tensor(data) else torch.as_tensor(np.asarray(data))
-    if t.dim() == 2:
+    if not torch.is_tensor(data) and not isinstance(data, np.ndarray):
+        data = np.asarray(data)
+    if data.ndim == 2:
+        t = data if torch.is_tensor(data) else torch.from_numpy(np.asarray(data).astype(np.int64))
         if block_size is not None and block_size != t.shape[1]:
             raise ValueError(f"windows have {t.shape[1]} tokens but block_size={block_size} was asked for")
         if max_tokens is not None:
@@ -92,9 +97,9 @@ def _as_windows(data, block_size: int | None, max_tokens: int | None) -> torch.T
                 "no windows to evaluate" + (f" within max_tokens={max_tokens}" if max_tokens else "")
             )
         return t.long()
-    if t.dim() != 1:
-        raise ValueError(f"expected a flat token stream or windows [N, T], got shape {tuple(t.shape)}")
-    return make_windows(t, block_size or DEFAULT_BLOCK_SIZE, max_tokens)
+    if data.ndim != 1:
+        raise ValueError(f"expected a flat token stream or windows [N, T], got shape {tuple(data.shape)}")
+    return make_windows(data, block_size or DEFAULT_BLOCK_SIZE, max_tokens)
 
 
 def check_block_size(model, block_size: int) -> None:
