@@ -75,6 +75,16 @@ def test_json_output_parses(kind, checkpoints, capsys):
     assert json.loads(out2)["completions"] == result["completions"]
 
 
+def test_exact_sampler_and_bf16_decoding_options(checkpoints, capsys):
+    base = [str(checkpoints["calm"]), "-p", "the cat", "-n", "8", "--seed", "0", "--json", "--ignore-eos"]
+    for extra in (
+        ["--sampler", "exact", "-t", "0.5", "--max-draws", "64"],
+        ["-t", "0.5", "--decode-dtype", "bfloat16"],
+    ):
+        code, out, _ = _run([*base, *extra], capsys)
+        assert code == 0 and json.loads(out)["new_tokens"] == [8]
+
+
 def test_single_prompt_streams_prompt_then_completion(checkpoints, capsys):
     ckpt = str(checkpoints["calm"])
     common = [ckpt, "-p", "the bird", "-n", "12", "--seed", "3", "--ignore-eos"]

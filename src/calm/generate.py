@@ -63,6 +63,13 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-draws", type=int, default=1024, help="CALM exact sampler: bound on the draws per row and step"
     )
+    parser.add_argument(
+        "--decode-dtype",
+        choices=["model", "bfloat16"],
+        default="model",
+        help="CALM: dtype of the energy head and autoencoder decoder; bfloat16 is faster at low temperature "
+        "(N candidates decoded per step) but a near-tied token may decode differently",
+    )
     parser.add_argument("--seed", type=int, default=None, help="random seed (prompt i uses seed + i)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available)")
     parser.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-text token")
@@ -188,7 +195,12 @@ def run_generate(args) -> int:
     if args.ignore_eos:
         kwargs["eos_id"] = None
     if kind == "calm":
-        kwargs.update(sampler=args.sampler, num_candidates=args.num_samples, max_draws=args.max_draws)
+        kwargs.update(
+            sampler=args.sampler,
+            num_candidates=args.num_samples,
+            max_draws=args.max_draws,
+            decode_dtype=None if args.decode_dtype == "model" else args.decode_dtype,
+        )
     t0 = time.perf_counter()
     new, stats = generate(model, ids, **kwargs)
     elapsed = time.perf_counter() - t0
