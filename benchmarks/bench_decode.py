@@ -25,7 +25,9 @@ and compared with the median time of a whole T = 0.5 decoding step at the same b
 
 Settings (``--settings``): ``cpu`` = the CPU presets (calm-cpu / transformer-cpu: d 256, 4
 layers, 4 heads, SwiGLU 688, vocab 8192; head blocks 1; autoencoder ae-cpu); ``4x`` = a
-backbone four times larger (16 layers, head blocks 4).
+backbone four times larger (16 layers, head blocks 4); ``reference`` = the authors' setting
+quoted in the issue for orientation (as ``cpu`` but vocab 4096 and 2 head blocks; compare at
+batches 1 and 8: ``--settings reference --batches 1,8``).
 
 Usage::
 
@@ -53,7 +55,11 @@ from calm.models.ar import TokenTransformer
 from calm.models.autoencoder import ChunkAutoencoder
 from calm.models.calm import CALM
 
-SETTINGS = {"cpu": dict(num_layers=4, head_layers=1), "4x": dict(num_layers=16, head_layers=4)}
+SETTINGS = {
+    "cpu": dict(num_layers=4, head_layers=1, vocab_size=8192),
+    "4x": dict(num_layers=16, head_layers=4, vocab_size=8192),
+    "reference": dict(num_layers=4, head_layers=2, vocab_size=4096),
+}
 MODES = {
     "ar": dict(),
     "calm_t1": dict(temperature=1.0),
@@ -65,11 +71,14 @@ MODES = {
 
 def build_models(name: str, seed: int = 0) -> tuple[CALM, TokenTransformer]:
     over = SETTINGS[name]
-    ae_cfg = preset("ae-cpu")
+    ae_cfg = preset("ae-cpu").replace(vocab_size=over["vocab_size"])
     calm_cfg = preset("calm-cpu").replace(
-        num_layers=over["num_layers"], head_layers=over["head_layers"], autoencoder=ae_cfg.to_dict()
+        num_layers=over["num_layers"],
+        head_layers=over["head_layers"],
+        vocab_size=over["vocab_size"],
+        autoencoder=ae_cfg.to_dict(),
     )
-    ar_cfg = preset("transformer-cpu").replace(num_layers=over["num_layers"])
+    ar_cfg = preset("transformer-cpu").replace(num_layers=over["num_layers"], vocab_size=over["vocab_size"])
     for field in ("d_model", "num_heads", "ffn_dim", "vocab_size", "num_layers"):
         assert getattr(calm_cfg, field) == getattr(ar_cfg, field), field
     torch.manual_seed(seed)
