@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shlex
 import statistics
@@ -175,7 +176,8 @@ def markdown(results: list[dict], meta: dict) -> str:
         "",
         f"{meta['device']}, {meta['threads']} thread(s), torch {meta['torch']}, float32 weights, random "
         f"initialisation, {meta['prompt_tokens']}-token prompts, {meta['new_tokens']} new tokens per row, no "
-        f"end-of-text stop, median of {meta['reps']} interleaved runs. Ratio = CALM ÷ AR new tokens per second; "
+        f"end-of-text stop, median of {meta['reps']} interleaved runs; 1-min load average "
+        f"{meta['load_average_start']:.1f} -> {meta['load_average_end']:.1f} on {meta['cpus']} CPUs. Ratio = CALM ÷ AR new tokens per second; "
         "predicted = AR ÷ CALM inference FLOPs per token (`calm.flops`, mean context prompt + new/2; "
         "N = 200 decoded samples per step at T = 0.5).",
         "",
@@ -239,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         "prompt_tokens": args.prompt_tokens,
         "new_tokens": args.new_tokens,
         "reps": args.reps,
+        "load_average_start": os.getloadavg()[0],
+        "cpus": os.cpu_count(),
     }
     results = []
     for name in names:
@@ -251,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
                 for mode, m in r["modes"].items()
             )
             print(f"{name} batch {batch}: {line}", flush=True)
+    meta["load_average_end"] = os.getloadavg()[0]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "decode.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
