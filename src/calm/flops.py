@@ -31,7 +31,8 @@ Counting rules (they reproduce the paper's Table 1, DESIGN §2.5)
    `SHARED_HIDDEN_TERMS = False` to count a naive head that repeats them per sample (as the
    authors' code does by repeating h); CALM-M training then costs 8% more.
    The energy score's N×M cross distances are one batched matmul, 2·N·M·l per position
-   forward and as much backward (the targets carry no gradient); this "energy_loss" term is
+   forward and as much backward (the targets carry no gradient), plus the samples' N×N Gram
+   matrix for the diversity term (2·N²·l forward, twice that backward); this "energy_loss" term is
    counted (it is ~0.01% of the total) so the count matches a measured training step exactly.
 6. Per text token: a CALM step produces K tokens, so per-step costs are divided by K. CALM
    inference includes decoding each predicted vector with the autoencoder decoder, with its
@@ -252,7 +253,10 @@ def flops_report(
                 "backbone": 3 * 2 * bb_matmul,
                 "attention": 3 * attn,
                 "energy_head": head_train,
-                "energy_loss": 2 * 2 * N * config.num_target_samples * config.latent_dim,  # fwd + bwd
+                # N×M cross distances (fwd + bwd to the samples) and the N×N Gram matrix of the
+                # samples for the diversity term (fwd + bwd through both operands)
+                "energy_loss": 2 * 2 * N * config.num_target_samples * config.latent_dim
+                + 3 * 2 * N * N * config.latent_dim,
                 "ae_encoder": 2 * ae_counts["encoder_matmul"],  # frozen, forward only
             }
             step_infer = {
