@@ -229,7 +229,17 @@ def test_prepared_directory_uses_its_split(tok, data_files):
 @pytest.mark.parametrize("fmt", ["text", "jsonl", "wiki", "prepared"])
 def test_cli_json_ar(capsys, checkpoints, data_files, fmt):
     code, out, err = _cli(
-        capsys, checkpoints["ar"], "--data", data_files[fmt], "--block-size", "32", "--json", "--seed", "5"
+        capsys,
+        checkpoints["ar"],
+        "--data",
+        data_files[fmt],
+        "--block-size",
+        "32",
+        "--json",
+        "--seed",
+        "5",
+        "--threads",
+        "1",
     )
     assert code == 0, err
     result = json.loads(out)

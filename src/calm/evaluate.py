@@ -577,6 +577,14 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         "--device", default="auto", help="auto (a GPU if there is one), cpu, cuda, cuda:1, ..."
     )
     parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        metavar="N",
+        help="CPU threads for torch (0 = torch's default). On a busy shared machine 1 can be several "
+        "times faster than 2 (benchmarks/bench_eval.py)",
+    )
+    parser.add_argument(
         "--ar-stride",
         type=int,
         default=1,
@@ -665,6 +673,10 @@ def run_eval(args: argparse.Namespace) -> int:
             from calm.data import DataError
 
             raise DataError(f"evaluation data not found: {p}")
+    if args.threads < 0:
+        raise ValueError(f"--threads must be >= 0, got {args.threads}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = _resolve_device(args.device)
     model = load_model(path, device=device)
     kind = model.config.kind
