@@ -442,6 +442,10 @@ def test_cli_train_ar_baseline(prepared, tmp_path, capsys):
     assert code == 0, err
     assert json.loads(out)["kind"] == "ar"
     assert load_model(tmp_path / "ar" / "checkpoint").config.kind == "ar"
+    # evaluations log BrierLM next to the validation cross-entropy (on by default)
+    val = [r for r in read_metrics(tmp_path / "ar") if r.get("split") == "val"]
+    assert val and all("brier_lm" in r and "val_loss" in r for r in val)
+    assert all(r["brier_block_size"] == 16 for r in val)
 
 
 def test_cli_train_calm_needs_autoencoder(prepared, tmp_path, capsys):

@@ -750,12 +750,23 @@ def _run(args, kind: str, build) -> int:
     _check_lengths(model_cfg, cfg)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = build(model_cfg)
+    eval_fn = None
+    brier_tokens = getattr(args, "brier_tokens", 0)
+    if kind in ("ar", "calm") and brier_tokens > 0:
+        # BrierLM on the first of the validation-loss windows, logged next to the loss at every
+        # evaluation (the same seed each time, so differences between steps are the model's).
+        from calm.evaluate import brier_eval_fn
+
+        windows = data.val_windows(cfg.block_size, max(1, brier_tokens // cfg.block_size))
+        if len(windows):
+            eval_fn = brier_eval_fn(windows, seed=cfg.seed)
     summary = train(
         model,
         cfg,
         data,
         args.out,
         tokenizer=tok,
+        eval_fn=eval_fn,
         resume=args.resume,
         device=args.device,
         strategy=args.strategy,
@@ -794,6 +805,14 @@ def add_train_arguments(parser) -> None:
         "",
         "calm-tiny, calm-cpu, calm-m/l/xl; transformer-tiny, transformer-cpu, "
         "transformer-s/m/l; default: calm-cpu or transformer-cpu",
+    )
+    parser.add_argument(
+        "--brier-tokens",
+        type=int,
+        default=16384,
+        metavar="N",
+        help="at every evaluation also log BrierLM (Brier-1..4) on the first N validation tokens, "
+        "next to the validation loss; 0 turns it off",
     )
 
 
