@@ -8,7 +8,7 @@ autoencoder accuracy against latent noise).
 Default data: the files given with ``--data``; with none, an embedded corpus that needs no
 network: the English reference text that ships inside CPython (`pydoc_data.topics`, the text
 of `help("if")` and friends: 79 topics, ~0.46 MB), cut into sections of a few paragraphs;
-every 20th section is held out for validation.
+every 10th section is held out for validation.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def _log(msg: str) -> None:
     print(f"[quickstart] {msg}", file=sys.stderr, flush=True)
 
 
-def write_embedded_corpus(out_dir: Path, val_every: int = 20) -> tuple[Path, Path]:
+def write_embedded_corpus(out_dir: Path, val_every: int = 10) -> tuple[Path, Path]:
     """The Python documentation topics as JSONL: (train file, validation file).
 
     Documents are the topics' sections (runs of paragraphs of up to ~1,500 characters), and
@@ -223,7 +223,12 @@ def run_pipeline(
     timings["autoencoder"] = time.perf_counter() - t0
 
     # 3. CALM and the token baseline, same backbone ------------------------------------------
-    eval_windows_n = max(1, size.eval_tokens // size.block_size)
+    eval_windows_n = min(size.eval_tokens, val_tokens.numel()) // size.block_size
+    if eval_windows_n < 1:
+        raise ValueError(
+            f"the held-out text has {val_tokens.numel()} tokens, fewer than one evaluation window of "
+            f"{size.block_size}; give more validation text (--val)"
+        )
     val_windows = val_tokens[: eval_windows_n * size.block_size].view(-1, size.block_size)
     eval_fn = brier_eval_fn(val_windows, seed=seed)
     calm_cfg = CALMConfig(
