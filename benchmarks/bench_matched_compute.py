@@ -106,11 +106,18 @@ def main(argv=None) -> int:
         run_dir = out / f"run_{name}"
         torch.manual_seed(args.seed)
         model = builders[name](cfg)
-        rows = []
-        done = 0
-        t_train = 0.0
+        rows, done, t_train = [], 0, 0.0
+        previous = out / "results.json"
+        if (run_dir / "checkpoint").exists() and previous.exists():
+            # extend an earlier run to larger budgets: continue it exactly from its checkpoint
+            old = json.loads(previous.read_text())["models"].get(name)
+            if old and old["rows"]:
+                rows = old["rows"]
+                done, t_train = rows[-1]["steps"], rows[-1]["train_seconds"]
         for budget in budgets:
             steps = max(1, round(budget / (fpt * tokens_per_step)))
+            if any(r["budget"] == budget for r in rows):
+                continue
             if steps > done:
                 tc = TrainConfig(
                     steps=steps,
@@ -145,6 +152,7 @@ def main(argv=None) -> int:
             }
             rows.append(row)
             print(json.dumps({"model": name, **row}), flush=True)
+        rows.sort(key=lambda r: r["budget"])
         results["models"][name] = {"config": cfg.to_dict(), "train_flops_per_token": fpt, "rows": rows}
         (out / "results.json").write_text(json.dumps(results, indent=2))
 
