@@ -31,7 +31,8 @@ class QuickstartSize:
     ae_overrides: dict
     ae_steps: int
     backbone: dict
-    lm_steps: int
+    lm_steps: int  # token baseline
+    calm_steps: int  # CALM: a step costs under half the baseline's FLOPs, and it learns slower per step
     batch_size: int
     block_size: int
     eval_every: int
@@ -43,9 +44,10 @@ SIZES = {
     "default": QuickstartSize(
         vocab_size=2048,
         ae_overrides=dict(d_model=128, ffn_dim=320, latent_dim=64),
-        ae_steps=1000,
+        ae_steps=1500,
         backbone=dict(d_model=128, num_layers=4, num_heads=4, ffn_dim=384, max_seq_len=128),
         lm_steps=400,
+        calm_steps=1200,
         batch_size=16,
         block_size=128,
         eval_every=100,
@@ -58,6 +60,7 @@ SIZES = {
         ae_steps=200,
         backbone=dict(d_model=64, num_layers=2, num_heads=2, ffn_dim=160, max_seq_len=64),
         lm_steps=120,
+        calm_steps=120,
         batch_size=8,
         block_size=64,
         eval_every=40,
@@ -241,9 +244,9 @@ def run_pipeline(
     calm_cfg = calm_cfg.replace(max_seq_len=size.block_size // ae_cfg.chunk_size)
     ar_cfg = ARConfig(**size.backbone, vocab_size=tok.vocab_size).replace(max_seq_len=size.block_size)
     models = {}
-    for name, build, cfg in (
-        ("calm", lambda c: build_calm_from_autoencoder(c, ae), calm_cfg),
-        ("ar", TokenTransformer, ar_cfg),
+    for name, build, cfg, steps in (
+        ("calm", lambda c: build_calm_from_autoencoder(c, ae), calm_cfg, size.calm_steps),
+        ("ar", TokenTransformer, ar_cfg, size.lm_steps),
     ):
         t0 = time.perf_counter()
         _log(f"training {'CALM (stage 2)' if name == 'calm' else 'the token-level baseline'}")
@@ -251,7 +254,7 @@ def run_pipeline(
         model = build(cfg)
         train(
             model,
-            _train_config(size, size.lm_steps, seed),
+            _train_config(size, steps, seed),
             prepared,
             out / name,
             tokenizer=tok,
