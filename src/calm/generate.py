@@ -164,6 +164,10 @@ def run_generate(args) -> int:
     for i, p in enumerate(ids):
         if not p:
             raise GenerationError(f"prompt {i} encodes to no tokens")
+    # Reject a bad temperature before anything is printed (the prompt is echoed when streaming).
+    from calm.generation import check_temperature
+
+    check_temperature(args.temperature, kind)
 
     out = sys.stdout
     stream = None
