@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -57,6 +58,7 @@ def plot_brier_vs_flops(curves: dict[str, list[tuple[float, float]]], path: Path
             xs, ys = zip(*sorted(pts))
             ax.plot(xs, ys, "o-", label=name, ms=4)
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # overlapping minor labels
     ax.set_xlabel("training FLOPs")
     ax.set_ylabel(f"BrierLM (context {block_size} tokens)")
     ax.set_title("BrierLM vs training compute")
