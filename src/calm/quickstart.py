@@ -125,7 +125,7 @@ def _train_config(size: QuickstartSize, steps: int, seed: int, **changes):
 
 def _flops_curve(run_dir: Path, flops_per_step: float) -> list[tuple[float, float]]:
     """(training FLOPs so far, BrierLM) at every evaluation of a run that logged BrierLM."""
-    from calm.report import read_metrics
+    from calm.train import read_metrics
 
     return [
         (max(r["step"], 1) * flops_per_step, r["brier_lm"])

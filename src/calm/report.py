@@ -5,9 +5,7 @@ Plots are written with matplotlib's non-interactive Agg backend, so no display i
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 import matplotlib
 import matplotlib.ticker
@@ -15,13 +13,7 @@ import matplotlib.ticker
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The JSONL metrics log of a training run (empty when there is none)."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+from calm.train import read_metrics  # noqa: E402  (the training loop's own JSONL reader)
 
 
 def _series(records, split: str, key: str):
