@@ -201,7 +201,11 @@ def test_exact_matches_target_and_expected_cost(name, probs, rows, temperature):
         assert abs(float(draws.mean()) - expected) < 5 * se, (float(draws.mean()), expected, se)
 
 
-def test_exact_mixed_rows_each_match_their_target():
+@pytest.mark.parametrize("scan", ["tensor", "scalar"])
+def test_exact_mixed_rows_each_match_their_target(monkeypatch, scan):
+    import calm.sampling as sampling
+
+    monkeypatch.setattr(sampling, "_SCALAR_SCAN_MAX_ROWS", 10**9 if scan == "scalar" else 0)
     rows, temperature = 6000, 0.4
     probs = torch.stack([PEAKED, FLAT, PEAKED.flip(0)]).repeat(rows // 3, 1)
     draw = Sampler(probs, seed=3)
@@ -249,7 +253,7 @@ def test_exact_limit_falls_back_to_most_frequent_draw_and_reports_it():
     probs = torch.stack([flat, point]).repeat(50, 1)  # rows alternate flat, point mass
     draw = Sampler(probs, seed=7, support=support, record=True)
     max_draws = 20
-    out, stats = sample_exact(draw, 0.25, max_draws=max_draws, return_stats=True)
+    out, stats = sample_exact(draw, 0.25, max_draws=max_draws, on_limit="fallback", return_stats=True)
 
     is_flat = torch.arange(100) % 2 == 0
     assert torch.equal(stats.hit_limit, is_flat)
@@ -264,6 +268,132 @@ def test_exact_limit_falls_back_to_most_frequent_draw_and_reports_it():
 
     with pytest.raises(SamplingLimitError, match=r"50 of 100 rows.*max_draws=20"):
         sample_exact(Sampler(probs, seed=7, support=support), 0.25, max_draws=max_draws, on_limit="raise")
+
+
+class RowSampler:
+    """Row b's i-th draw is a pure function of (b, i): a row's stream does not depend on which
+    other rows are drawn for (needed for `active_rows` and batch-independence tests)."""
+
+    def __init__(self, probs: torch.Tensor, seed: int, support: torch.Tensor = SUPPORT):
+        self.probs, self.support, self.seed = probs.float(), support, seed
+        self.used = torch.zeros(probs.shape[0], dtype=torch.long)  # draws made so far, per row
+        self.calls: list[tuple[int, int]] = []  # (m, rows drawn for)
+
+    def stream(self, row: int, start: int, m: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + row)
+        idx = torch.multinomial(self.probs[row], start + m, replacement=True, generator=g)[start:]
+        return self.support[idx]
+
+    def __call__(self, m: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+        rows = torch.arange(self.probs.shape[0]) if rows is None else rows
+        self.calls.append((m, rows.numel()))
+        out = torch.stack([self.stream(r, int(self.used[r]), m) for r in rows.tolist()])
+        self.used[rows] += m
+        return out
+
+
+def row_uniform(seeds: list[int]):
+    """uniform(key, m) whose row b values depend only on (seeds[b], key)."""
+
+    def uniform(key: int, m: int) -> torch.Tensor:
+        rows = [
+            torch.rand(m, generator=torch.Generator().manual_seed(s * 7919 + key + 1), dtype=torch.float64)
+            for s in seeds
+        ]
+        return torch.stack(rows)
+
+    return uniform
+
+
+def test_exact_limit_approx_fallback_is_sample_approx_on_the_draws():
+    """Default on_limit="approx": a row that exhausts max_draws gets sample_approx's choice over
+    exactly the draws it consumed, with the uniform the hook gives for key -1."""
+    probs = torch.stack([FLAT, PEAKED]).repeat(20, 1)
+    seeds = list(range(40))
+    draw = Sampler(probs, seed=3, record=True)
+    uniform = row_uniform(seeds)
+    out, stats = sample_exact(draw, 0.2, max_draws=6, uniform=uniform, return_stats=True)
+    assert stats.num_hit_limit > 5  # T = 1/5 over 8 chunks rarely finishes within 6 draws
+    stream = torch.cat(draw.blocks, 1)
+    hit = stats.hit_limit
+    expect = sample_approx(stream[hit][:, :6], 0.2, uniforms=uniform(-1, 1)[hit, 0])
+    assert torch.equal(out[hit], expect)
+    assert torch.all(stats.draws[hit] == 6)
+
+
+def test_exact_approx_fallback_distribution_given_limit():
+    """Rows forced to the limit (max_draws = 3 < n = 4) output chunk x with the probability
+    `approx_probabilities` gives over their 3 draws (here every row sees the same 3 draws)."""
+    cand = SUPPORT[[0, 0, 5]].unsqueeze(0)  # chunk 0 twice, chunk 5 once
+    rows = 6000
+    draw = lambda m: cand.expand(rows, 3, 4)[:, :m]  # noqa: E731
+    out = sample_exact(draw, 0.25, max_draws=3, draws_per_call=3, generator=torch.Generator().manual_seed(1))
+    p = approx_probabilities(cand, 0.25)[0]
+    target = torch.tensor([float(p[0] + p[1]), float(p[2])], dtype=torch.float64)
+    idx = support_index(out)
+    observed = torch.tensor([float((idx == 0).sum()), float((idx == 5).sum())])
+    assert chisquare_pvalue(observed, target) > P_MIN
+
+
+@pytest.mark.parametrize("temperature", [0.5, 0.4, 0.3])
+def test_exact_active_rows_and_row_uniforms_are_batch_independent(temperature):
+    """With a per-row sampler and per-row uniforms, drawing only for unfinished rows gives the
+    same chunks as drawing for all rows, and a row's chunk is the same alone as in the batch."""
+    probs = torch.stack([PEAKED, FLAT, PEAKED.flip(0)]).repeat(4, 1)
+    seeds = [11 + b for b in range(12)]
+    kw = dict(max_draws=40, draws_per_call=2, max_draws_per_call=16, return_stats=True)
+    full_draw = RowSampler(probs, seed=5)
+    full, st_full = sample_exact(lambda m: full_draw(m), temperature, uniform=row_uniform(seeds), **kw)
+    part_draw = RowSampler(probs, seed=5)
+    part, st_part = sample_exact(part_draw, temperature, uniform=row_uniform(seeds), active_rows=True, **kw)
+    assert torch.equal(full, part)
+    assert torch.equal(st_full.draws, st_part.draws) and torch.equal(st_full.hit_limit, st_part.hit_limit)
+    # the block size doubles from 2 up to 16, and later calls only draw for unfinished rows
+    sizes = [m for m, _ in part_draw.calls]
+    assert sizes[:4] == [2, 4, 8, 16][: len(sizes)] and all(m <= 16 for m in sizes[4:])
+    assert sum(sizes) <= 40  # the last block is cut to the bound
+    assert sum(m * r for m, r in part_draw.calls) < sum(m * r for m, r in full_draw.calls)
+    for b in range(12):
+        alone_draw = RowSampler(probs[b : b + 1], seed=5)
+        alone_draw.stream = lambda row, start, m, b=b: full_draw.stream(b, start, m)
+        alone = sample_exact(
+            alone_draw, temperature, uniform=row_uniform(seeds[b : b + 1]), active_rows=True, **kw
+        )[0]
+        assert torch.equal(alone[0], full[b])
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1 / 3, 0.4, 0.7])
+def test_exact_scalar_scan_equals_tensor_scan(monkeypatch, temperature):
+    """The CPU scan over Python values and the vectorised tensor scan are the same algorithm:
+    same draws and coins in, same chunks, draw counts, attempts and limit hits out."""
+    import calm.sampling as sampling
+
+    probs = torch.stack([PEAKED, FLAT, PEAKED.flip(0), FLAT]).repeat(25, 1)
+    runs = []
+    for max_rows in (10**9, 0):  # scalar scan, then tensor scan
+        monkeypatch.setattr(sampling, "_SCALAR_SCAN_MAX_ROWS", max_rows)
+        out, st = sample_exact(
+            Sampler(probs, seed=9),
+            temperature,
+            max_draws=30,
+            draws_per_call=3,
+            max_draws_per_call=12,
+            generator=torch.Generator().manual_seed(2),
+            return_stats=True,
+        )
+        runs.append((out, st))
+    (a, sa), (b, sb) = runs
+    assert torch.equal(a, b)
+    for field in ("draws", "attempts", "hit_limit"):
+        assert torch.equal(getattr(sa, field), getattr(sb, field)), field
+    assert sa.calls == sb.calls
+
+
+def test_exact_rejects_bad_uniform_hook():
+    with pytest.raises(ValueError, match="uniform"):
+        sample_exact(Sampler(FLAT.expand(2, 8), 0), 0.4, uniform=lambda key, m: torch.rand(3, m))
+    with pytest.raises(ValueError, match="max_draws_per_call"):
+        sample_exact(Sampler(FLAT.expand(2, 8), 0), 0.4, max_draws_per_call=0)
 
 
 # ----------------------------------------------------------------------------------------------
