@@ -87,11 +87,20 @@ def test_calm_padded_batch_hidden_states_equal_unpadded_by_hand(calm_model):
 
 @pytest.mark.parametrize(
     "temperature,sampler",
-    [(1.0, "approx"), (0.5, "approx"), (0.3, "approx"), (0.5, "exact"), (0.25, "exact")],
+    [
+        (1.0, "approx"),
+        (0.5, "approx"),
+        (0.3, "approx"),
+        (0.5, "exact"),
+        (0.25, "exact"),
+        (0.4, "exact"),
+        (0.7, "exact"),
+    ],
 )
 def test_calm_batch_equals_one_by_one(calm_model, temperature, sampler):
     """Left-padded batch (prompt lengths 5, 2, 13, 4 with K = 4) == each prompt alone, under
-    the same per-row noise (row b of seed s uses seed s + b)."""
+    the same per-row noise (row b of seed s uses seed s + b); for the exact sampler also at
+    fractional 1/T (per-row Bernoulli-factory coins) and with rows finishing at different draws."""
     kw = dict(
         max_new_tokens=11,
         temperature=temperature,
