@@ -48,9 +48,12 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--sampler",
-        choices=["approx", "exact"],
-        default="approx",
-        help="CALM temperature sampler at T < 1: batch approximation over N candidates, or exact rejection",
+        choices=["exact", "approx"],
+        default="exact",
+        help="CALM temperature sampler at T < 1 (default exact): 'exact' is rejection sampling that stops "
+        "as soon as it accepts (a few draws when the model is confident) and falls back to the "
+        "approximation after --max-draws draws; 'approx' always decodes N head samples per step and "
+        "reweights them",
     )
     parser.add_argument(
         "--num-samples",
@@ -58,10 +61,13 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
         dest="num_samples",
         type=int,
         default=200,
-        help="CALM approx sampler: head samples (candidates) N drawn and decoded per step",
+        help="CALM at T < 1: head samples N decoded per step (approx), the exact sampler's default bound",
     )
     parser.add_argument(
-        "--max-draws", type=int, default=1024, help="CALM exact sampler: bound on the draws per row and step"
+        "--max-draws",
+        type=int,
+        default=None,
+        help="CALM exact sampler: bound on the draws per row and step (default: --num-samples)",
     )
     parser.add_argument(
         "--decode-dtype",
@@ -217,7 +223,7 @@ def run_generate(args) -> int:
             "device": str(device),
             "temperature": args.temperature,
             "sampler": args.sampler if kind == "calm" else None,
-            "num_samples": args.num_samples if kind == "calm" and args.sampler == "approx" else None,
+            "num_samples": args.num_samples if kind == "calm" and args.temperature < 1 else None,
             "seed": args.seed,
             "max_new_tokens": args.max_new_tokens,
             "prompts": prompts,
@@ -228,7 +234,8 @@ def run_generate(args) -> int:
             "time_s": elapsed,
             "tokens_per_s": n_new / elapsed if elapsed > 0 else None,
         }
-        if kind == "calm" and stats.exact_hit_limit:
+        if kind == "calm" and args.temperature < 1:
+            result["draws_per_step"] = stats.draws / max(1, stats.steps * len(ids))
             result["exact_hit_limit"] = stats.exact_hit_limit
         out.write(json.dumps(result) + "\n")
         return 0
@@ -240,7 +247,11 @@ def run_generate(args) -> int:
                 _print_block(out, row, prompts[row], streams[row].flush())
     out.flush()
     rate = n_new / elapsed if elapsed > 0 else float("nan")
-    extra = f", {stats.exact_hit_limit} exact-sampler fallbacks" if stats.exact_hit_limit else ""
+    extra = ""
+    if kind == "calm" and args.temperature < 1:
+        extra = f", {stats.draws / max(1, stats.steps * len(ids)):.1f} head samples per row and step"
+        if args.sampler == "exact" and stats.exact_hit_limit:
+            extra += f", {stats.exact_hit_limit} row-steps fell back to the approximation"
     print(
         f"[{kind}, T={args.temperature:g}: {n_new} new tokens in {elapsed:.2f} s, {rate:.1f} tokens/s{extra}]",
         file=sys.stderr,
