@@ -9,6 +9,9 @@ at end of text. Modes:
   calm_t1   CALM at T = 1: one head sample per step, decoded by the autoencoder
   calm_t05  CALM at T = 0.5 with the approximate sampler, N = 200 candidates per step, decoded
             exactly (float32; bf16-screened vocabulary argmax, `calm.generation.tied_argmax`)
+  calm_t05_exact  CALM at T = 0.5 with the exact sampler (draws in doubling blocks until it
+            accepts, at most N = 200 draws, then the approximation over those draws): its cost
+            follows how peaked the model's P is (mean draws per step are reported)
   calm_t05_bf16, calm_t1_bf16  the same with ``decode_dtype=torch.bfloat16``: the energy head
             and the AE decoder run on cached bf16 copies of their weights (not exact: a latent
             whose top two token logits are within bf16 rounding may decode differently)
@@ -27,7 +30,13 @@ Settings (``--settings``): ``cpu`` = the CPU presets (calm-cpu / transformer-cpu
 layers, 4 heads, SwiGLU 688, vocab 8192; head blocks 1; autoencoder ae-cpu); ``4x`` = a
 backbone four times larger (16 layers, head blocks 4); ``reference`` = the authors' setting
 quoted in the issue for orientation (as ``cpu`` but vocab 4096 and 2 head blocks; compare at
-batches 1 and 8: ``--settings reference --batches 1,8``).
+batches 1 and 8: ``--settings reference --batches 1,8``); ``cpu-confident`` = ``cpu`` with a
+trained autoencoder (``--autoencoder``, e.g. the one `bench_autoencoder.py` trains) and the
+random head's output spread scaled by 0.3, so that 200 head samples decode to ~15 distinct
+chunks, the most frequent ~40% of them: a stand-in for a confident trained model, where low
+temperature matters. With random weights every one of the 200 samples is a different chunk
+(P is flat): the worst case for both samplers. ``--autoencoder`` loads the trained autoencoder
+into every setting with a matching vocabulary.
 
 Usage::
 
@@ -60,18 +69,26 @@ SETTINGS = {
     "cpu": dict(num_layers=4, head_layers=1, vocab_size=8192),
     "4x": dict(num_layers=16, head_layers=4, vocab_size=8192),
     "reference": dict(num_layers=4, head_layers=2, vocab_size=4096),
+    "cpu-confident": dict(
+        num_layers=4, head_layers=1, vocab_size=8192, head_scale=0.3, needs_autoencoder=True
+    ),
 }
 MODES = {
     "ar": dict(),
     "calm_t1": dict(temperature=1.0),
     "calm_t1_bf16": dict(temperature=1.0, decode_dtype=torch.bfloat16),
     "calm_t05": dict(temperature=0.5, sampler="approx", num_candidates=200),
+    "calm_t05_exact": dict(temperature=0.5, sampler="exact", num_candidates=200),
     "calm_t05_bf16": dict(temperature=0.5, sampler="approx", num_candidates=200, decode_dtype=torch.bfloat16),
 }
 
 
-def build_models(name: str, seed: int = 0) -> tuple[CALM, TokenTransformer]:
+def build_models(
+    name: str, seed: int = 0, autoencoder: ChunkAutoencoder | None = None
+) -> tuple[CALM, TokenTransformer]:
     over = SETTINGS[name]
+    if over.get("needs_autoencoder") and autoencoder is None:
+        raise SystemExit(f"setting {name!r} needs a trained autoencoder: pass --autoencoder PATH")
     ae_cfg = preset("ae-cpu").replace(vocab_size=over["vocab_size"])
     calm_cfg = preset("calm-cpu").replace(
         num_layers=over["num_layers"],
@@ -83,9 +100,12 @@ def build_models(name: str, seed: int = 0) -> tuple[CALM, TokenTransformer]:
     for field in ("d_model", "num_heads", "ffn_dim", "vocab_size", "num_layers"):
         assert getattr(calm_cfg, field) == getattr(ar_cfg, field), field
     torch.manual_seed(seed)
-    calm = CALM.from_autoencoder(calm_cfg, ChunkAutoencoder(ae_cfg)).eval()
+    ae = ChunkAutoencoder(ae_cfg)
+    if autoencoder is not None and autoencoder.config.vocab_size == ae_cfg.vocab_size:
+        ae = autoencoder
+    calm = CALM.from_autoencoder(calm_cfg, ae).eval()
     last = calm.head.final_layer.linears[-1]
-    torch.nn.init.normal_(last.weight, std=1.0 / last.in_features**0.5)
+    torch.nn.init.normal_(last.weight, std=over.get("head_scale", 1.0) / last.in_features**0.5)
     ar = TokenTransformer(ar_cfg).eval()
     return calm, ar
 
@@ -106,7 +126,7 @@ def timed_run(model, prompts, new_tokens: int, mode: str) -> dict:
     wall, cpu = time.perf_counter() - w0, time.process_time() - c0
     n = sum(len(r) for r in out)
     assert n == len(prompts) * new_tokens
-    return {"wall_s": wall, "cpu_s": cpu, "steps": stats.steps, "new_tokens": n}
+    return {"wall_s": wall, "cpu_s": cpu, "steps": stats.steps, "new_tokens": n, "draws": stats.draws}
 
 
 def bookkeeping(calm: CALM, batch: int, reps: int = 20) -> dict:
@@ -129,7 +149,7 @@ def bookkeeping(calm: CALM, batch: int, reps: int = 20) -> dict:
 
 
 def measure(name: str, batch: int, args) -> dict:
-    calm, ar = build_models(name)
+    calm, ar = build_models(name, autoencoder=args.autoencoder_model)
     gen = torch.Generator().manual_seed(batch)
     prompts = torch.randint(3, calm.config.vocab_size, (batch, args.prompt_tokens), generator=gen).tolist()
     models = {m: (ar if m == "ar" else calm) for m in args.modes}
@@ -148,6 +168,7 @@ def measure(name: str, batch: int, args) -> dict:
             "tokens_per_s": n / wall,
             "tokens_per_cpu_s": n / cpu,
             "step_ms": 1e3 * wall / rs[0]["steps"],
+            "draws_per_row_step": rs[0]["draws"] / (batch * rs[0]["steps"]) if mode != "ar" else None,
             "runs": rs,
         }
     context = args.prompt_tokens + args.new_tokens // 2
@@ -175,14 +196,14 @@ def markdown(results: list[dict], meta: dict) -> str:
         f"`{meta['command']}`",
         "",
         f"{meta['device']}, {meta['threads']} thread(s), torch {meta['torch']}, float32 weights, random "
-        f"initialisation, {meta['prompt_tokens']}-token prompts, {meta['new_tokens']} new tokens per row, no "
+        f"initialisation{meta['autoencoder_note']}, {meta['prompt_tokens']}-token prompts, {meta['new_tokens']} new tokens per row, no "
         f"end-of-text stop, median of {meta['reps']} interleaved runs; 1-min load average "
         f"{meta['load_average_start']:.1f} -> {meta['load_average_end']:.1f} on {meta['cpus']} CPUs. Ratio = CALM ÷ AR new tokens per second; "
         "predicted = AR ÷ CALM inference FLOPs per token (`calm.flops`, mean context prompt + new/2; "
         "N = 200 decoded samples per step at T = 0.5).",
         "",
-        "| setting | batch | mode | tok/s | AR tok/s | ratio (wall) | ratio (CPU) | predicted | wall ÷ predicted |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| setting | batch | mode | tok/s | AR tok/s | ratio (wall) | ratio (CPU) | predicted | wall ÷ predicted | draws / row / step |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         ar = r["modes"].get("ar")
@@ -193,7 +214,8 @@ def markdown(results: list[dict], meta: dict) -> str:
                 f"| {r['setting']} | {r['batch']} | {mode} | {m['tokens_per_s']:,.0f} "
                 f"| {ar['tokens_per_s'] if ar else float('nan'):,.0f} | {m.get('ratio', float('nan')):.2f} "
                 f"| {m.get('ratio_cpu', float('nan')):.2f} | {m.get('predicted', float('nan')):.3g} "
-                f"| {m.get('ratio', float('nan')) / m.get('predicted', float('nan')):.2f} |"
+                f"| {m.get('ratio', float('nan')) / m.get('predicted', float('nan')):.2f} "
+                f"| {m['draws_per_row_step']:.1f} |"
             )
     lines += [
         "",
@@ -223,7 +245,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--out", default="bench_out", help="output folder for JSON and markdown")
+    parser.add_argument(
+        "--autoencoder", default=None, help="trained autoencoder checkpoint (needed by cpu-confident)"
+    )
     args = parser.parse_args(argv)
+    args.autoencoder_model = None
+    if args.autoencoder:
+        from calm.checkpoint import load_model
+
+        args.autoencoder_model = load_model(args.autoencoder).eval()
     names = [s.strip() for s in args.settings.split(",") if s.strip()]
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     batches = [int(b) for b in args.batches.split(",")]
@@ -243,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         "reps": args.reps,
         "load_average_start": os.getloadavg()[0],
         "cpus": os.cpu_count(),
+        "autoencoder_note": f" except the trained autoencoder {args.autoencoder}" if args.autoencoder else "",
     }
     results = []
     for name in names:
