@@ -412,7 +412,7 @@ def write_report(summary: dict, report_dir: Path, runs: dict[str, Path], flops: 
         for temp, texts in summary["samples"][name].items():
             lines.append(
                 f"**{label}, {temp}**"
-                + (" (batch approximation, N = 200)" if name == "calm" and temp != "T=1" else "")
+                + (" (exact sampler, at most 200 draws per step)" if name == "calm" and temp != "T=1" else "")
             )
             lines.append("")
             for text in texts:
