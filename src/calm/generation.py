@@ -803,6 +803,30 @@ def generate(
     return (out, stats) if return_stats else out
 
 
+def _decode_loop(h, pos, steps, sample, advance, rows, row_state, drop_finished, stats, timer) -> None:
+    """The decoding loop shared by both model kinds: sample the next element(s) of every row
+    from its hidden state, record them, drop rows that ended (from the KV cache and every
+    per-row random stream in `row_state` too), and advance the backbone by one position."""
+    for step in range(steps):
+        out = sample(h, step)
+        keep = rows.push(out)
+        stats.steps += 1
+        if keep is not None:
+            if keep.numel() == 0:
+                break
+            if drop_finished:
+                for state in row_state:
+                    state.select(keep)
+                rows.select(keep)
+                out, pos = out[keep], pos[keep]
+        if step == steps - 1:
+            break
+        timer.lap("bookkeeping")
+        h = advance(out, pos)
+        pos += 1
+        timer.lap("backbone")
+
+
 def _generate_ar(model, prompts, steps, T, rng, eos, pad, stream, drop_finished, stats, profile):
     device = next(model.parameters()).device
     B = len(prompts)
@@ -821,7 +845,9 @@ def _generate_ar(model, prompts, steps, T, rng, eos, pad, stream, drop_finished,
             logits = (logits - logits.amax(-1, keepdim=True)).mul_(inv_t)
         cdf = torch.softmax(logits, -1, dtype=torch.float64).cumsum_(-1)
         u = uniforms.get(step).unsqueeze(1) * cdf[:, -1:]
-        return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[1] - 1)  # [B, 1]
+        out = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[1] - 1)  # [B, 1]
+        timer.lap("sample")
+        return out
 
     timer.start()
     t_prefill = time.perf_counter()
@@ -831,25 +857,18 @@ def _generate_ar(model, prompts, steps, T, rng, eos, pad, stream, drop_finished,
     pos = positions[:, -1:] + 1
     stats.prefill_s = time.perf_counter() - t_prefill
     timer.lap("prefill")
-    for step in range(steps):
-        nxt = sample(h, step)
-        timer.lap("sample")
-        keep = rows.push(nxt)
-        stats.steps += 1
-        if keep is not None:
-            if keep.numel() == 0:
-                break
-            if drop_finished:
-                cache.select(keep)
-                rng.select(keep)
-                uniforms.select(keep)
-                rows.select(keep)
-                nxt, pos = nxt[keep], pos[keep]
-        if step == steps - 1:
-            break
-        h = model.backbone(model.embed(nxt), positions=pos, cache=cache)[:, -1]
-        pos += 1
-        timer.lap("backbone")
+    _decode_loop(
+        h,
+        pos,
+        steps,
+        sample,
+        lambda nxt, pos: model.backbone(model.embed(nxt), positions=pos, cache=cache)[:, -1],
+        rows,
+        [cache, rng, uniforms],
+        drop_finished,
+        stats,
+        timer,
+    )
     stats.phases = timer.phases
     return rows
 
@@ -968,25 +987,17 @@ def _generate_calm(
     pos = positions[:, -1:] + 1
     stats.prefill_s = time.perf_counter() - t_prefill
     timer.lap("prefill")
-    for step in range(steps):
-        chunk = sample(h, step)
-        keep = rows.push(chunk)
-        stats.steps += 1
-        if keep is not None:
-            if keep.numel() == 0:
-                break
-            if drop_finished:
-                cache.select(keep)
-                head_noise.select(keep)
-                select_u.select(keep)
-                rng.select(keep)
-                rows.select(keep)
-                chunk, pos = chunk[keep], pos[keep]
-        if step == steps - 1:
-            break
-        timer.lap("bookkeeping")
-        h = model.hidden(chunk.unsqueeze(1), positions=pos, cache=cache)[:, -1]
-        pos += 1
-        timer.lap("backbone")
+    _decode_loop(
+        h,
+        pos,
+        steps,
+        sample,
+        lambda chunk, pos: model.hidden(chunk.unsqueeze(1), positions=pos, cache=cache)[:, -1],
+        rows,
+        [cache, head_noise, select_u, rng],
+        drop_finished,
+        stats,
+        timer,
+    )
     stats.phases = timer.phases
     return rows
