@@ -115,11 +115,14 @@ def test_prompt_file_and_multiple_prompts(checkpoints, tmp_path, capsys):
         (["-p", "the cat", "--max-new-tokens", "0"], "max_new_tokens"),
         (["-p", "the " * 400], "longer than the model's context"),
         (["--prompt-file", "/nonexistent/prompts.txt"], "prompt file not found"),
+        (["-p", "the cat", "-t", "0.5", "--max-draws", "0"], "max_draws must be an integer >= 1"),
+        (["-p", "the cat", "-t", "0.5", "--num-samples", "0"], "num_candidates must be an integer >= 1"),
     ],
 )
 def test_errors_are_clear(checkpoints, capsys, extra, message):
     code, out, err = _run([str(checkpoints["calm"]), *extra], capsys)
     assert code == 2 and message in err and "Traceback" not in err
+    assert out == ""  # rejected before the prompt is echoed
 
 
 def test_unknown_sampler_is_rejected_by_the_parser(checkpoints, capsys):

@@ -170,7 +170,6 @@ def run_generate(args) -> int:
     for i, p in enumerate(ids):
         if not p:
             raise GenerationError(f"prompt {i} encodes to no tokens")
-    # Reject a bad temperature before anything is printed (the prompt is echoed when streaming).
     from calm.generation import check_temperature
 
     check_temperature(args.temperature, kind)
@@ -181,11 +180,15 @@ def run_generate(args) -> int:
     streams = [TextStream(tok) for _ in prompts]
     if not args.json:
         if len(prompts) == 1:
-            out.write(prompts[0])
-            out.flush()
+            # The prompt is echoed with the first new tokens, i.e. only once `generate` has
+            # accepted every argument: a rejected call prints nothing but its error.
+            echoed = [False]
 
             def stream(row: int, piece: list[int]) -> None:
-                out.write(streams[row].push(piece))
+                text = streams[row].push(piece)
+                if not echoed[0]:
+                    text, echoed[0] = prompts[0] + text, True
+                out.write(text)
                 out.flush()
         else:
 
@@ -240,7 +243,7 @@ def run_generate(args) -> int:
         out.write(json.dumps(result) + "\n")
         return 0
     if len(prompts) == 1:
-        out.write(streams[0].flush() + "\n")
+        out.write(("" if echoed[0] else prompts[0]) + streams[0].flush() + "\n")
     else:
         for row in range(len(prompts)):
             if row not in finished:
