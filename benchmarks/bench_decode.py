@@ -251,9 +251,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.autoencoder_model = None
     if args.autoencoder:
-        from calm.checkpoint import load_model
+        from calm.checkpoint import CheckpointError, load_model
 
-        args.autoencoder_model = load_model(args.autoencoder).eval()
+        try:
+            args.autoencoder_model = load_model(args.autoencoder).eval()
+        except CheckpointError as err:
+            parser.error(str(err))
+        if args.autoencoder_model.config.kind != "autoencoder":
+            parser.error(
+                f"--autoencoder {args.autoencoder} holds a {args.autoencoder_model.config.kind} model, not an autoencoder"
+            )
     names = [s.strip() for s in args.settings.split(",") if s.strip()]
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     batches = [int(b) for b in args.batches.split(",")]
