@@ -17,7 +17,10 @@ def test_incremental_decoding_with_cache_matches_full_forward(kv_heads):
     x = torch.randn(3, 10, 32)
     full = model(x)
     cache = model.new_cache(3, 16)
-    parts = [model(x[:, :4], cache=cache)] + [model(x[:, t : t + 1], cache=cache) for t in range(4, 10)]
+    # a first block (causal, no mask), single steps (no mask), a later block (mask)
+    parts = [model(x[:, :4], cache=cache)] + [model(x[:, t : t + 1], cache=cache) for t in range(4, 7)]
+    parts.append(model(x[:, 7:10], cache=cache))
+    assert cache.dense
     torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-5, atol=1e-5)
 
 
@@ -34,6 +37,7 @@ def test_left_padding_is_invisible():
     # the same through a cache, followed by one more step
     cache = model.new_cache(1, 16)
     model(xp, positions=positions, valid=valid, cache=cache)
+    assert not cache.dense  # pad slots in the cache: every later step needs the mask
     nxt = torch.randn(1, 1, 32)
     step = model(nxt, positions=torch.tensor([[6]]), cache=cache)
     torch.testing.assert_close(step, model(torch.cat([x, nxt], 1))[:, -1:], rtol=1e-5, atol=1e-5)

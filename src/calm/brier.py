@@ -151,6 +151,7 @@ def _fork_cache(base, rows: torch.Tensor | int, prefix_len: int, keep: torch.Ten
     fork.valid = (slots[None, :] < keep[:, None]) & take(base.valid)
     fork.length = prefix_len
     fork.max_len = total
+    fork.dense = False  # slots past a row's `keep` are invalid
     return fork
 
 

@@ -56,17 +56,14 @@ Decoding the candidates is the cost of low temperature
 
 from __future__ import annotations
 
-import copy
 import math
 import time
-import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import cache
 
 import torch
-import torch.nn.functional as F
 
+from calm.fast_decode import ChunkInputTable, decode_chunks, low_precision_copies, tied_argmax
 from calm.sampling import sample_approx, sample_exact, split_inverse_temperature
 
 __all__ = [
@@ -204,116 +201,7 @@ class _NoiseBlocks:
 
 
 # ---------------------------------------------------------------------------------------------
-# Exact, fast argmax through a tied vocabulary projection
-
-_SCREEN_GROUP = 16  # tokens per group in the bf16 screen
-
-
-@cache
-def _cpu_has_fast_bf16() -> bool:
-    """AMX or AVX512-BF16: bf16 matmuls many times faster than float32 on this CPU."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
-def _fast_bf16(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return torch.cuda.get_device_capability(device)[0] >= 8
-    return device.type == "cpu" and _cpu_has_fast_bf16()
-
-
-@dataclass
-class _Screen:
-    version: tuple
-    weight_bf16: torch.Tensor  # [Vp, d], V padded to a multiple of the group size
-    max_norm: float  # largest row norm of the float32 weight
-    groups: int
-
-
-_screens: dict[int, tuple[weakref.ref, _Screen]] = {}  # id(weight) -> (weak ref to it, screen)
-
-
-def _screen_for(weight: torch.Tensor) -> _Screen:
-    version = (weight._version, weight.data_ptr(), weight.device)
-    ref, entry = _screens.get(id(weight), (None, None))
-    if ref is not None and ref() is weight and entry.version == version:
-        return entry
-    V, _ = weight.shape
-    G = -(-V // _SCREEN_GROUP)
-    w = weight.detach()
-    if G * _SCREEN_GROUP > V:  # pad by repeating the last row: same logit as a real token
-        w = torch.cat([w, w[-1:].expand(G * _SCREEN_GROUP - V, -1)])
-    entry = _Screen(
-        version, w.to(torch.bfloat16).contiguous(), float(weight.detach().float().norm(dim=1).max()), G
-    )
-    for key in [k for k, (r, _) in _screens.items() if r() is None]:
-        del _screens[key]
-    _screens[id(weight)] = (weakref.ref(weight), entry)
-    return entry
-
-
-def tied_argmax(hidden: torch.Tensor, weight: torch.Tensor, *, screen: bool | None = None) -> torch.Tensor:
-    """argmax_v hidden · weight[v]: hidden [R, d], weight [V, d] -> LongTensor [R].
-
-    The float32 argmax (first index on exact ties), computed either directly or, with
-    ``screen=True``, through a bf16 screen: one bf16 matmul gives logits l~ with
-    |l~_v - l_v| <= eps = (3.05 u + 1.1 γ_d) · ||h|| · max_v ||w_v|| (u = 2^-8 the bf16 unit
-    roundoff of h, w and the output, γ_d = d·2^-24 the float32 accumulation; 12 u on CUDA,
-    whose bf16 GEMMs may reduce partial sums in bf16). Only tokens with l~_v >= max l~ - 2 eps
-    can be the argmax; they are found via group maxima over 16-token groups and rescored in
-    float32 (a handful per row). ``screen=None`` picks the screen for float32 inputs when the
-    device has fast bf16 and the weight is large (V·d >= 2^20: reading half the bytes pays even
-    for a single row). Other dtypes use the direct path.
-    """
-    R, d = hidden.shape
-    V = weight.shape[0]
-    if screen is None:
-        screen = (
-            hidden.dtype == torch.float32
-            and weight.dtype == torch.float32
-            and V * d >= (1 << 20)
-            and _fast_bf16(hidden.device)
-        )
-    if not screen or R == 0:
-        return F.linear(hidden, weight).max(dim=-1).indices
-    s = _screen_for(weight)
-    h = hidden.float()
-    # Row blocks keep each block's bf16 logits ([Vp, rows], ~2-4 MB) in cache while they are
-    # reduced and gathered; one [Vp, R] matmul at R in the thousands is several times slower.
-    block = max(64, (1 << 21) // (s.groups * _SCREEN_GROUP))
-    if R <= block:
-        return _screened_argmax(h, weight, s)
-    return torch.cat([_screened_argmax(h[i : i + block], weight, s) for i in range(0, R, block)])
-
-
-def _screened_argmax(h: torch.Tensor, weight: torch.Tensor, s: _Screen) -> torch.Tensor:
-    R, d = h.shape
-    V = weight.shape[0]
-    gs = _SCREEN_GROUP
-    hb = h.to(torch.bfloat16)
-    # [Vp, R]: the weight streams through once and the group reduction runs along R (contiguous)
-    grouped = F.linear(s.weight_bf16, hb).view(s.groups, gs, R)
-    group_max = grouped.amax(dim=1).float().t()  # [R, G]
-    top = group_max.amax(dim=1)  # [R]
-    u = 2.0**-8
-    coef = (12 * u if h.device.type == "cuda" else 3.05 * u) + 1.1 * d * 2.0**-24
-    eps = h.norm(dim=1).mul_(coef * s.max_norm * (1 + 1e-4))
-    threshold = top - 2 * eps - 1e-30
-    r, g = (group_max >= threshold.unsqueeze(1)).nonzero(as_tuple=True)  # a few groups per row
-    if r.numel() > 8 * R + 64:  # not selective (e.g. all logits tied): the direct path is cheaper
-        return F.linear(h, weight.float()).max(dim=-1).indices
-    vals = grouped[g, :, r].float()  # [P, gs]
-    p, j = (vals >= threshold[r].unsqueeze(1)).nonzero(as_tuple=True)
-    rows = r[p]
-    tokens = (g[p] * gs + j).clamp_(max=V - 1)
-    exact = torch.linalg.vecdot(h.index_select(0, rows), weight.index_select(0, tokens).float())
-    best = torch.full((R,), -math.inf, device=h.device).scatter_reduce_(0, rows, exact, "amax")
-    key = torch.where(exact == best[rows], tokens, V)
-    return torch.full((R,), V, dtype=torch.long, device=h.device).scatter_reduce_(0, rows, key, "amin")
+# Choosing among candidates
 
 
 def choose_approx(candidates: torch.Tensor, temperature: float, uniforms: torch.Tensor) -> torch.Tensor:
@@ -323,14 +211,6 @@ def choose_approx(candidates: torch.Tensor, temperature: float, uniforms: torch.
     The same distribution as `calm.sampling.sample_approx`, whose Gumbel noise is drawn for the
     whole batch at once. This is the sampler's whole bookkeeping."""
     return sample_approx(candidates, temperature, uniforms=uniforms)
-
-
-def decode_chunks(autoencoder, z: torch.Tensor, *, screen: bool | None = None) -> torch.Tensor:
-    """Latents [..., l] -> token chunks [..., K]: the autoencoder decoder's argmax, computed
-    with `tied_argmax` (same result as ``autoencoder.decode(z)``, faster for many latents)."""
-    h = autoencoder.decode_hidden(z)  # [..., K, d]
-    flat = h.reshape(-1, h.shape[-1])
-    return tied_argmax(flat, autoencoder.lm_head.weight, screen=screen).view(h.shape[:-1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -601,26 +481,6 @@ def _decode_dtype(value, model) -> torch.dtype | None:
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise GenerationError(f"decode_dtype must be None, 'bfloat16', 'float16' or 'float32', got {value!r}")
     return None if dtype == next(model.parameters()).dtype else dtype
-
-
-_low_copies: dict[int, tuple[weakref.ref, tuple, torch.dtype, object, object]] = {}
-
-
-def _low_precision_copies(model, dtype: torch.dtype):
-    """Copies of CALM's energy head and autoencoder in `dtype`, cached while the weights are
-    unchanged (autocast would re-cast every weight at every step, which costs more than it
-    saves when a step decodes few latents)."""
-    params = list(model.head.parameters()) + list(model.autoencoder.parameters())
-    signature = tuple((p.data_ptr(), p._version) for p in params)
-    ref, sig, dt, head, ae = _low_copies.get(id(model), (None, None, None, None, None))
-    if ref is not None and ref() is model and sig == signature and dt == dtype:
-        return head, ae
-    head = copy.deepcopy(model.head).to(dtype)
-    ae = copy.deepcopy(model.autoencoder).to(dtype)
-    for key in [k for k, v in _low_copies.items() if v[0]() is None]:
-        del _low_copies[key]
-    _low_copies[id(model)] = (weakref.ref(model), signature, dtype, head, ae)
-    return head, ae
 
 
 def _model_kind(model) -> str:
@@ -927,7 +787,7 @@ def _generate_calm(
             timer.lap("head")
             c = decode_chunks(ae, z, screen=screen)  # [b, m, K]
         else:
-            low_head, low_ae = _low_precision_copies(model, decode_dtype)
+            low_head, low_ae = low_precision_copies(model, decode_dtype)
             z = low_head(h.to(decode_dtype), noise.to(decode_dtype))
             timer.lap("head")
             hid = low_ae.decode_hidden(z)  # [b, m, K, d]
@@ -975,6 +835,13 @@ def _generate_calm(
         timer.lap("select")
         return out
 
+    table = ChunkInputTable.for_model(model)  # built outside the timed run, cached
+
+    def advance(chunk: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        chunk = chunk.unsqueeze(1)  # [b, 1, K]
+        x = model.chunk_inputs(chunk) if table is None else table(chunk)
+        return model.backbone(x, positions=pos, cache=cache)[:, -1]
+
     timer.start()
     t_prefill = time.perf_counter()
     h = model.hidden(
@@ -992,7 +859,7 @@ def _generate_calm(
         pos,
         steps,
         sample,
-        lambda chunk, pos: model.hidden(chunk.unsqueeze(1), positions=pos, cache=cache)[:, -1],
+        advance,
         rows,
         [cache, head_noise, select_u, rng],
         drop_finished,

@@ -31,12 +31,17 @@ class KVCache:
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.length = 0  # slots filled so far (same for every row)
         self.max_len = max_len
+        # True while every filled slot of every row is real (no left padding): then a decoding
+        # step needs no attention mask. Whoever marks slots invalid by hand must clear it.
+        self.dense = True
 
     def reserve(self, n: int, valid: torch.Tensor | None) -> tuple[int, int]:
         start, end = self.length, self.length + n
         if end > self.max_len:
             raise ValueError(f"KV cache full: {end} positions needed, {self.max_len} allocated")
         self.valid[:, start:end] = True if valid is None else valid
+        if valid is not None and self.dense:
+            self.dense = bool(valid.all())
         self.length = end
         return start, end
 
@@ -59,7 +64,9 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, self.kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int, span: tuple[int, int] | None):
+    def forward(
+        self, x, cos, sin, mask, causal, cache: KVCache | None, layer: int, span: tuple[int, int] | None
+    ):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
@@ -72,7 +79,7 @@ class Attention(nn.Module):
             k, v = cache.keys[layer][:, :, :end], cache.values[layer][:, :, :end]
         gqa = self.kv_heads != self.num_heads
         if mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
@@ -86,8 +93,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
         self.mlp = SwiGLU(config.d_model, config.ffn_dim)
 
-    def forward(self, x, cos, sin, mask, cache, layer, span):
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, layer, span)
+    def forward(self, x, cos, sin, mask, causal, cache, layer, span):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, causal, cache, layer, span)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -129,8 +136,12 @@ class Backbone(nn.Module):
             positions = torch.arange(past, past + T, device=x.device).expand(B, T)
         cos, sin = self.rotary(positions)
         span = cache.reserve(T, valid) if cache is not None else None
-        mask = None
-        if cache is not None or valid is not None:
+        mask, causal = None, True
+        if cache is not None and cache.dense and (T == 1 or past == 0):
+            # Every cached slot is real: one new query may see all of them (no mask, not
+            # causal: SDPA's causal mask is top-left aligned), a first block is plainly causal.
+            causal = T > 1
+        elif cache is not None or valid is not None:
             # Boolean mask [B, 1, T, past+T]: causal, real keys only; a slot may always see itself
             # so that pad queries have one key and stay finite (their outputs are never used).
             total = past + T
@@ -141,5 +152,5 @@ class Backbone(nn.Module):
             mask = (causal[None] & key_ok[:, None, :]) | (k_idx == q_idx)[None]
             mask = mask[:, None]
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, cache, i, span)
+            x = layer(x, cos, sin, mask, causal, cache, i, span)
         return self.norm(x)

@@ -1,0 +1,78 @@
+"""Inference shortcuts (`calm.fast_decode`): same results as the plain modules."""
+
+from __future__ import annotations
+
+import torch
+
+from calm.config import preset
+from calm.fast_decode import ChunkInputTable, low_precision_copies
+from calm.generation import generate
+from calm.models.autoencoder import ChunkAutoencoder
+from calm.models.calm import CALM
+
+
+def _calm(seed: int = 0) -> CALM:
+    torch.manual_seed(seed)
+    model = CALM.from_autoencoder(preset("calm-tiny"), ChunkAutoencoder(preset("ae-tiny")))
+    torch.nn.init.normal_(model.head.final_layer.linears[-1].weight, std=0.5)
+    torch.nn.init.normal_(model.compress[0].bias, std=0.1)  # a bias that the table must carry
+    return model.eval()
+
+
+def test_chunk_input_table_equals_chunk_inputs():
+    model = _calm()
+    chunks = torch.randint(0, model.config.vocab_size, (3, 5, model.config.chunk_size))
+    table = ChunkInputTable.for_model(model)
+    with torch.no_grad():
+        torch.testing.assert_close(table(chunks), model.chunk_inputs(chunks), rtol=1e-5, atol=1e-5)
+        assert table(chunks[:, 0]).shape == (3, model.config.d_model)  # any leading shape
+
+
+def test_chunk_input_table_is_cached_and_rebuilt_when_weights_change():
+    model = _calm()
+    table = ChunkInputTable.for_model(model)
+    assert ChunkInputTable.for_model(model) is table
+    chunks = torch.randint(0, model.config.vocab_size, (2, 3, model.config.chunk_size))
+    with torch.no_grad():
+        model.embed.weight.mul_(2)  # in place: the version counter moves
+        fresh = ChunkInputTable.for_model(model)
+        assert fresh is not table
+        torch.testing.assert_close(fresh(chunks), model.chunk_inputs(chunks), rtol=1e-5, atol=1e-5)
+        model.compress[0].bias.add_(1)
+        torch.testing.assert_close(
+            ChunkInputTable.for_model(model)(chunks), model.chunk_inputs(chunks), rtol=1e-5, atol=1e-5
+        )
+
+
+def test_chunk_input_table_has_a_size_limit(monkeypatch):
+    model = _calm()
+    K, V, two_d = model.config.chunk_size, model.config.vocab_size, 2 * model.config.d_model
+    monkeypatch.setattr(ChunkInputTable, "max_bytes", K * V * two_d * 4 - 1)
+    assert ChunkInputTable.for_model(model) is None
+    monkeypatch.setattr(ChunkInputTable, "max_bytes", K * V * two_d * 4)
+    assert ChunkInputTable.for_model(model) is not None
+
+
+def test_generate_with_and_without_the_table_agree(monkeypatch):
+    model = _calm()
+    prompts = [[5, 6, 7, 8, 9], [10, 11], list(range(20, 33))]
+    kw = dict(max_new_tokens=24, seed=3, eos_id=None)
+    fast = generate(model, prompts, temperature=1.0, **kw) + generate(model, prompts, temperature=0.5, **kw)
+    monkeypatch.setattr(ChunkInputTable, "max_bytes", 0)
+    plain = generate(model, prompts, temperature=1.0, **kw) + generate(model, prompts, temperature=0.5, **kw)
+    assert fast == plain
+
+
+def test_low_precision_copies_are_cached_per_dtype_and_follow_the_weights():
+    model = _calm()
+    head, ae = low_precision_copies(model, torch.bfloat16)
+    assert next(head.parameters()).dtype == torch.bfloat16 and next(ae.parameters()).dtype == torch.bfloat16
+    assert low_precision_copies(model, torch.bfloat16)[0] is head
+    assert next(low_precision_copies(model, torch.float16)[0].parameters()).dtype == torch.float16
+    with torch.no_grad():
+        model.head.noise_embd.weight.add_(1)
+    head2, _ = low_precision_copies(model, torch.bfloat16)
+    assert head2 is not head
+    torch.testing.assert_close(
+        head2.noise_embd.weight.float(), model.head.noise_embd.weight, rtol=1e-2, atol=1e-2
+    )
