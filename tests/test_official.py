@@ -815,3 +815,39 @@ def test_calm_without_an_autoencoder_says_to_pass_ae(release, tmp_path):
         load_official(d)
     with pytest.raises(OfficialFormatError, match="is a CALM checkpoint, not an autoencoder"):
         load_official(d, ae_path=release["calm_dir"])
+
+
+def test_generate_and_eval_take_ae_for_a_release_without_its_autoencoder(release, tmp_path, capsys):
+    d = tmp_path / "lonely" / "CALM-M"
+    write_bin(d, official_calm_config(release["v"], release["vocab"]), release["calm"])
+    shutil.copy(release["tok_dir"] / "tokenizer.json", d / "tokenizer.json")
+    gen = ["generate", str(d), "--prompt", "hello there", "-n", "8", "--seed", "0", "--json", "--ignore-eos"]
+
+    def run(argv):
+        with pytest.raises(SystemExit) as exc:
+            cli_main(argv)
+        captured = capsys.readouterr()
+        return exc.value.code, captured.out, captured.err
+
+    code, out, err = run(gen)
+    assert code != 0 and out == "" and "--ae AE_DIR" in err
+    code, out, _ = run([*gen, "--ae", str(release["ae_dir"])])
+    assert code == 0
+    assert json.loads(out)["new_tokens"] == [8]
+    text = tmp_path / "text.txt"
+    text.write_text("hello there, general kenobi. " * 40)
+    ev = ["eval", str(d), "--data", str(text), "--block-size", "32", "--max-tokens", "256", "--json"]
+    code, out, err = run(ev)
+    assert code != 0 and "--ae AE_DIR" in err
+    code, out, _ = run([*ev, "--ae", str(release["ae_dir"])])
+    assert code == 0
+    result = json.loads(out)
+    assert result["tokens"] == 256 and math.isfinite(result["brier_lm"])
+
+
+def test_load_model_refuses_ae_path_for_our_own_checkpoints(release, tmp_path):
+    from calm.checkpoint import CheckpointError, load_model, save_checkpoint
+
+    ours = save_checkpoint(tmp_path / "ae", ChunkAutoencoder(calm.config.preset("ae-tiny")))
+    with pytest.raises(CheckpointError, match="only for the authors' released CALM models"):
+        load_model(ours, ae_path=release["ae_dir"])

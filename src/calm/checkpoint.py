@@ -370,10 +370,14 @@ def load_weights(model: nn.Module, path: str | os.PathLike, strict: bool = True)
     return model
 
 
-def load_model(path: str | os.PathLike, device=None, dtype=None, strict: bool = True) -> nn.Module:
+def load_model(
+    path: str | os.PathLike, device=None, dtype=None, strict: bool = True, *, ae_path=None
+) -> nn.Module:
     """The model stored in checkpoint directory `path`, in eval mode, tokenizer attached.
 
-    Also accepts the authors' released layout (delegated to `calm.official.load_official`).
+    Also accepts the authors' released layout (delegated to `calm.official.load_official`);
+    ``ae_path`` is then the autoencoder directory of a released CALM model that neither holds a
+    copy of it nor has it beside it. Our own CALM checkpoints always carry their autoencoder.
     """
     path = Path(path)
     if path.is_dir() and not (path / COMPLETE_FILE).exists() and _looks_official(path):
@@ -383,7 +387,12 @@ def load_model(path: str | os.PathLike, device=None, dtype=None, strict: bool = 
             raise CheckpointError(
                 f"{path} looks like an official CALM release, but calm.official is not available: {err}"
             ) from err
-        return load_official(path, device=device, dtype=dtype)
+        return load_official(path, ae_path=ae_path, device=device, dtype=dtype)
+    if ae_path is not None:
+        raise CheckpointError(
+            f"an autoencoder directory (ae_path={str(ae_path)!r}) is only for the authors' released CALM "
+            f"models; {path} is a calm checkpoint, and a CALM checkpoint of ours carries its autoencoder"
+        )
 
     path = resolve_checkpoint(path)
     config = load_config(path)

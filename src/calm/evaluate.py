@@ -565,6 +565,13 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         help="evaluation window in tokens, the same for CALM and the baseline: each window is "
         "scored on its own, so it bounds the context",
     )
+    parser.add_argument(
+        "--ae",
+        metavar="DIR",
+        default=None,
+        help="autoencoder directory for an official CALM release that holds no copy of it "
+        "(our CALM checkpoints carry theirs)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the samples the estimators draw")
     parser.add_argument(
         "--batch-size",
@@ -678,7 +685,7 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = _resolve_device(args.device)
-    model = load_model(path, device=device)
+    model = load_model(path, device=device, ae_path=args.ae)
     kind = model.config.kind
     if args.max_tokens is not None and args.max_tokens < 1:
         raise ValueError(f"--max-tokens must be >= 1, got {args.max_tokens}")

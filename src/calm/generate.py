@@ -76,6 +76,13 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
         help="CALM: dtype of the energy head and autoencoder decoder; bfloat16 is faster at low temperature "
         "(N candidates decoded per step) but a near-tied token may decode differently",
     )
+    parser.add_argument(
+        "--ae",
+        metavar="DIR",
+        default=None,
+        help="autoencoder directory for an official CALM release that holds no copy of it "
+        "(our CALM checkpoints carry theirs)",
+    )
     parser.add_argument("--seed", type=int, default=None, help="random seed (prompt i uses seed + i)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available)")
     parser.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-text token")
@@ -157,7 +164,7 @@ def run_generate(args) -> int:
 
     prompts = read_prompts(args)
     device = _device(args.device)
-    model = load_model(args.model, device=device)
+    model = load_model(args.model, device=device, ae_path=args.ae)
     kind = getattr(model.config, "kind", None)
     if kind not in ("calm", "ar"):
         raise GenerationError(

@@ -882,7 +882,8 @@ def _load_calm(
         raise OfficialFormatError(
             f"{ck.path} is a CALM checkpoint without its autoencoder (no {AE_PREFIX} tensors, and "
             f"ae_path={ck.config.get('ae_path')!r} in its config points to the authors' machine). Pass the "
-            "autoencoder directory: `calm convert-official --calm DIR --ae AE_DIR --out OUT`, or "
+            "autoencoder directory: `--ae AE_DIR` to calm generate / calm eval, "
+            "`calm convert-official --calm DIR --ae AE_DIR --out OUT`, or "
             "calm.official.load_official(DIR, ae_path=AE_DIR)"
         )
     ae_cfg = autoencoder_config_from_official(
