@@ -49,6 +49,8 @@ Decoding the candidates is the cost of low temperature
     the maximum are rescored in float32, and the result is the float32 argmax. The decoder
     trunk before that projection stays in the model's dtype; ``decode_dtype=torch.bfloat16``
     runs head and decoder on bf16 copies instead (faster for many candidates, not exact).
+    Each step's CALM input (the chunk just produced) is K rows of a precomputed table
+    (`calm.fast_decode.ChunkInputTable`), not a matmul over the K·d flattened embeddings.
     Identical chunks are counted with tensor ops (`calm.sampling.chunk_counts`) and one chunk
     is chosen per row (`choose_approx`), without a loop over rows; this bookkeeping is well
     under 1% of a step at N = 200 (benchmarks/bench_decode.py).
