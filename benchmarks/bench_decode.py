@@ -121,12 +121,27 @@ def predicted(calm_cfg: CALMConfig, ar_cfg: ARConfig, context_tokens: int, sampl
 def timed_run(model, prompts, new_tokens: int, mode: str) -> dict:
     w0, c0 = time.perf_counter(), time.process_time()
     out, stats = generate(
-        model, prompts, max_new_tokens=new_tokens, seed=0, eos_id=None, return_stats=True, **MODES[mode]
+        model,
+        prompts,
+        max_new_tokens=new_tokens,
+        seed=0,
+        eos_id=None,
+        return_stats=True,
+        profile=True,  # on CPU a clock read per phase: ~1 µs of a 2 ms step
+        **MODES[mode],
     )
     wall, cpu = time.perf_counter() - w0, time.process_time() - c0
     n = sum(len(r) for r in out)
     assert n == len(prompts) * new_tokens
-    return {"wall_s": wall, "cpu_s": cpu, "steps": stats.steps, "new_tokens": n, "draws": stats.draws}
+    phases = {k: 1e3 * v / stats.steps for k, v in stats.phases.items() if k != "prefill"}
+    return {
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "steps": stats.steps,
+        "new_tokens": n,
+        "draws": stats.draws,
+        "phase_ms_per_step": phases,
+    }
 
 
 def bookkeeping(calm: CALM, batch: int, reps: int = 20) -> dict:
@@ -169,6 +184,10 @@ def measure(name: str, batch: int, args) -> dict:
             "tokens_per_cpu_s": n / cpu,
             "step_ms": 1e3 * wall / rs[0]["steps"],
             "draws_per_row_step": rs[0]["draws"] / (batch * rs[0]["steps"]) if mode != "ar" else None,
+            "phase_ms_per_step": {
+                k: statistics.median(r["phase_ms_per_step"].get(k, 0.0) for r in rs)
+                for k in rs[0]["phase_ms_per_step"]
+            },
             "runs": rs,
         }
     context = args.prompt_tokens + args.new_tokens // 2
@@ -187,6 +206,9 @@ def measure(name: str, batch: int, args) -> dict:
         res["bookkeeping"] = b
     res["configs"] = {"calm": calm.config.to_dict(), "ar": ar.config.to_dict()}
     return res
+
+
+_PHASES = ("backbone", "sample", "head", "decode", "select", "bookkeeping")
 
 
 def markdown(results: list[dict], meta: dict) -> str:
@@ -217,6 +239,21 @@ def markdown(results: list[dict], meta: dict) -> str:
                 f"| {m.get('ratio', float('nan')) / m.get('predicted', float('nan')):.2f} "
                 f"| {m['draws_per_row_step']:.1f} |"
             )
+    lines += [
+        "",
+        "Where a decoding step's time goes (ms per step, median over the runs; `generate(profile=True)`): "
+        "backbone = one backbone step (CALM: with its chunk input), sample = AR vocabulary projection "
+        "and sampling, head = energy-head samples, decode = autoencoder decoder and vocabulary argmax, "
+        "select = the T < 1 samplers' own work, bookkeeping = recording outputs:",
+        "",
+        "| setting | batch | mode | step ms | " + " | ".join(_PHASES) + " |",
+        "|---|---|---|---|" + "---|" * len(_PHASES),
+    ]
+    for r in results:
+        for mode, m in r["modes"].items():
+            ph = m["phase_ms_per_step"]
+            cells = " | ".join(f"{ph[k]:.2f}" if k in ph else "" for k in _PHASES)
+            lines.append(f"| {r['setting']} | {r['batch']} | {mode} | {m['step_ms']:.2f} | {cells} |")
     lines += [
         "",
         "Approximate sampler bookkeeping at N = 200, T = 0.5 (count identical chunks, weight, choose), "
