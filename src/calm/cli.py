@@ -44,6 +44,17 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 }
 
 
+def add_official_ae_argument(parser) -> None:
+    """``--ae DIR`` for a command that loads its model with `calm.checkpoint.load_model` (``ae_path``)."""
+    parser.add_argument(
+        "--ae",
+        metavar="DIR",
+        default=None,
+        help="autoencoder directory for an official CALM release that holds no copy of it "
+        "(our CALM checkpoints carry theirs)",
+    )
+
+
 def _top_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="calm",

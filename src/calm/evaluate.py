@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from calm.brier import COLLISION_ESTIMATORS, DEFAULT_MAX_CACHE_BYTES, NGRAM, window_scores
+from calm.cli import add_official_ae_argument
 from calm.metrics import BrierAccumulator
 
 DEFAULT_BLOCK_SIZE = 256
@@ -565,13 +566,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         help="evaluation window in tokens, the same for CALM and the baseline: each window is "
         "scored on its own, so it bounds the context",
     )
-    parser.add_argument(
-        "--ae",
-        metavar="DIR",
-        default=None,
-        help="autoencoder directory for an official CALM release that holds no copy of it "
-        "(our CALM checkpoints carry theirs)",
-    )
+    add_official_ae_argument(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed of the samples the estimators draw")
     parser.add_argument(
         "--batch-size",

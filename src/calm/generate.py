@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+from calm.cli import add_official_ae_argument
+
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL", help="checkpoint directory (CALM or token-level model)")
@@ -76,13 +78,7 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
         help="CALM: dtype of the energy head and autoencoder decoder; bfloat16 is faster at low temperature "
         "(N candidates decoded per step) but a near-tied token may decode differently",
     )
-    parser.add_argument(
-        "--ae",
-        metavar="DIR",
-        default=None,
-        help="autoencoder directory for an official CALM release that holds no copy of it "
-        "(our CALM checkpoints carry theirs)",
-    )
+    add_official_ae_argument(parser)
     parser.add_argument("--seed", type=int, default=None, help="random seed (prompt i uses seed + i)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available)")
     parser.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-text token")
