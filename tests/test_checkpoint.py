@@ -188,10 +188,13 @@ def test_official_layout_is_delegated(tmp_path, monkeypatch):
     (official / "pytorch_model.bin").write_bytes(b"")
     calls = []
     fake = types.ModuleType("calm.official")
-    fake.load_official = lambda path, device=None, dtype=None: calls.append((path, device, dtype)) or "model"
+    fake.load_official = lambda path, ae_path=None, device=None, dtype=None: (
+        calls.append((path, ae_path, device, dtype)) or "model"
+    )
     monkeypatch.setitem(sys.modules, "calm.official", fake)
     assert load_model(official, dtype=torch.float32) == "model"
-    assert calls == [(official, None, torch.float32)]
+    assert load_model(official, ae_path="AE") == "model"
+    assert calls == [(official, None, None, torch.float32), (official, "AE", None, None)]
 
 
 def test_train_state_roundtrip(tmp_path):
