@@ -76,3 +76,18 @@ def test_low_precision_copies_are_cached_per_dtype_and_follow_the_weights():
     torch.testing.assert_close(
         head2.noise_embd.weight.float(), model.head.noise_embd.weight, rtol=1e-2, atol=1e-2
     )
+
+
+def test_cached_tables_go_with_their_model():
+    import gc
+
+    import calm.fast_decode as fd
+
+    model = _calm()
+    ChunkInputTable.for_model(model)
+    low_precision_copies(model, torch.bfloat16)
+    keys = {k for k in fd._cache if k[1] in (id(model.embed.weight), id(next(model.head.parameters())))}
+    assert len(keys) == 2
+    del model
+    gc.collect()
+    assert not keys & set(fd._cache)

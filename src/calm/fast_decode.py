@@ -58,17 +58,16 @@ _cache: dict[tuple, tuple[weakref.ref, tuple, object]] = {}
 
 def _cached(kind, tensors: list[torch.Tensor], build):
     """``build()``, computed once per state of `tensors`: the entry is rebuilt when one of them
-    is modified in place (its version counter moves), replaced or moved, and is dropped when
-    the first of them is garbage-collected."""
+    is modified in place (its version counter moves), replaced or moved, and is dropped as soon
+    as the first of them is freed."""
     key = (kind, id(tensors[0]))
     state = tuple((t._version, t.data_ptr(), t.device, t.dtype) for t in tensors)
     ref, old_state, value = _cache.get(key, (None, None, None))
     if ref is not None and ref() is tensors[0] and old_state == state:
         return value
     value = build()
-    for k in [k for k, (r, _, _) in _cache.items() if r() is None]:
-        del _cache[k]
-    _cache[key] = (weakref.ref(tensors[0]), state, value)
+    # the entry goes with the tensor (a 64 MiB table should not outlive its model)
+    _cache[key] = (weakref.ref(tensors[0], lambda _, key=key: _cache.pop(key, None)), state, value)
     return value
 
 
