@@ -117,6 +117,15 @@ def test_calm_batch_equals_one_by_one(calm_model, temperature, sampler):
     assert generate(calm_model, PROMPTS, seed=7, pad_id=123, **kw) == batch
 
 
+@pytest.mark.parametrize("temperature", [0.5, 0.4])
+def test_calm_exact_result_does_not_depend_on_how_draws_are_split_into_calls(calm_model, temperature):
+    """A row's j-th head sample and coin of a step are keyed by j, not by the call that drew
+    it, so any schedule (first block 1, 8 or 64) gives the same text."""
+    kw = dict(max_new_tokens=12, seed=4, temperature=temperature, sampler="exact", max_draws=96, eos_id=None)
+    outs = [generate(calm_model, PROMPTS, draws_per_call=m, **kw) for m in (1, 8, 64)]
+    assert outs[0] == outs[1] == outs[2]
+
+
 def test_ar_batch_equals_one_by_one_and_pads_invisible(ar_model):
     kw = dict(max_new_tokens=9, temperature=0.8, eos_id=None)
     batch = generate(ar_model, PROMPTS, seed=3, **kw)

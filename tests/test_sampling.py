@@ -555,3 +555,92 @@ def test_cuda_matches_cpu_distribution():
     res = sample_exact(draw, 0.4, generator=torch.Generator(dev).manual_seed(2))
     observed = torch.bincount(support_index(res.cpu()), minlength=8).double()
     assert chisquare_pvalue(observed, tempered(PEAKED, 0.4)) > P_MIN
+
+
+# Many distinct chunks: uniform over 1000 is flat (S_2 = 1/1000), over 40 "medium" (S_2 = 1/40).
+BIG_SUPPORT = torch.arange(4000).view(1000, 4)
+BIG_FLAT = torch.full((1000,), 1 / 1000, dtype=torch.float64)
+MEDIUM = torch.cat([torch.full((40,), 1 / 40, dtype=torch.float64), torch.zeros(960, dtype=torch.float64)])
+
+
+class PositionSampler:
+    """Row b's i-th draw is a pure function of (seed, b, i), whatever the calls ask for."""
+
+    def __init__(self, probs: torch.Tensor, seed: int, length: int = 512):
+        g = torch.Generator().manual_seed(seed)
+        self.seq = [BIG_SUPPORT[torch.multinomial(p.float(), length, True, generator=g)] for p in probs]
+        self.used = torch.zeros(probs.shape[0], dtype=torch.long)
+        self.calls: list[int] = []
+
+    def __call__(self, m: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+        rows = torch.arange(len(self.seq)) if rows is None else rows
+        self.calls.append(m)
+        out = torch.stack([self.seq[r][int(self.used[r]) : int(self.used[r]) + m] for r in rows.tolist()])
+        self.used[rows] += m
+        return out
+
+
+def position_uniform(seeds: list[int], length: int = 512):
+    """uniform(key, m): coins key .. key + m - 1 of each row's own sequence; key -1: its choice."""
+    seqs = [
+        torch.rand(length + 1, generator=torch.Generator().manual_seed(s), dtype=torch.float64) for s in seeds
+    ]
+
+    def uniform(key: int, m: int) -> torch.Tensor:
+        return torch.stack([s[-1:].expand(m) if key < 0 else s[key : key + m] for s in seqs])
+
+    return uniform
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1 / 2.2, 0.4, 1 / 3])
+def test_exact_result_does_not_depend_on_how_draws_are_split_into_calls(temperature):
+    """With draws and coins indexed by draw position, any schedule of calls reads the same
+    values, so every row's chunk and draw count are the same (rows of several flatnesses,
+    some finishing early, some at the bound of 200)."""
+    flat250 = torch.cat([torch.full((250,), 1 / 250), torch.zeros(750)]).double()
+    peaked = torch.cat([PEAKED, torch.zeros(992, dtype=torch.float64)])
+    probs = torch.stack([MEDIUM, flat250, peaked, BIG_FLAT]).repeat(5, 1)
+    seeds = list(range(20))
+    runs = []
+    for first, cap in [(1, None), (2, 16), (8, 64), (200, None)]:
+        draw = PositionSampler(probs, seed=1)
+        out, st = sample_exact(
+            draw,
+            temperature,
+            max_draws=200,
+            draws_per_call=first,
+            max_draws_per_call=cap,
+            uniform=position_uniform(seeds),
+            active_rows=True,
+            return_stats=True,
+        )
+        runs.append((out, st, draw.calls))
+    assert len({tuple(calls) for _, _, calls in runs}) == 4
+    out0, st0, _ = runs[0]
+    assert 0 < st0.num_hit_limit < 20  # some rows accept, some reach the bound
+    for out, st, _ in runs[1:]:
+        assert torch.equal(out, out0)
+        assert torch.equal(st.draws, st0.draws) and torch.equal(st.hit_limit, st0.hit_limit)
+
+
+@pytest.mark.parametrize("temperature", [0.4, 1 / 2.2])
+def test_exact_asks_coins_by_draw_position(temperature):
+    draw = PositionSampler(BIG_FLAT.expand(3, 1000), seed=1)
+    keys = []
+    coins = position_uniform([0, 1, 2])
+
+    def uniform(key: int, m: int) -> torch.Tensor:
+        keys.append((key, m))
+        return coins(key, m)
+
+    sample_exact(
+        draw,
+        temperature,
+        max_draws=40,
+        draws_per_call=2,
+        max_draws_per_call=16,
+        uniform=uniform,
+        active_rows=True,
+    )
+    assert draw.calls == [2, 4, 8, 16, 10]  # doubling, the last call cut to the bound
+    assert keys == [(0, 2), (2, 4), (6, 8), (14, 16), (30, 10), (-1, 1)]  # coins of draws 0.., 2.., ...

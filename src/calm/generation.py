@@ -146,7 +146,10 @@ class RowRandom:
         """Keep only the rows `rows` (indices into the current rows)."""
         self.keys = self.keys[rows]
 
-    def _index(self, n: int) -> torch.Tensor:
+    def _index(self, n: int, offset: int = 0) -> torch.Tensor:
+        if offset:
+            idx = torch.arange(offset + 1, offset + n + 1, dtype=torch.int64, device=self.keys.device)
+            return (idx * _GOLDEN).view(1, n)
         idx = self._index_cache.get(n)
         if idx is None:
             idx = (torch.arange(1, n + 1, dtype=torch.int64, device=self.keys.device) * _GOLDEN).view(1, n)
@@ -155,18 +158,22 @@ class RowRandom:
             self._index_cache[n] = idx
         return idx
 
-    def bits(self, stream: Sequence[int], n: int) -> torch.Tensor:
-        """[B, n] int64 random bits for the counter ``stream`` (a tuple of non-negative ints)."""
+    def bits(self, stream: Sequence[int], n: int, offset: int = 0) -> torch.Tensor:
+        """[B, n] int64 random bits: elements offset .. offset + n - 1 of the counter ``stream``
+        (a tuple of non-negative ints), so consecutive calls can continue one sequence."""
         salt = 0x5851F42D4C957F2D
         for s in stream:
             salt = _mix64_int(salt ^ _mix64_int(int(s) + 0x2545F4914F6CDD1D))
         key = _mix64(self.keys ^ _signed64(salt)).view(-1, 1)
-        return _mix64(key + self._index(n))
+        return _mix64(key + self._index(n, offset))
 
-    def uniform(self, stream: Sequence[int], shape: Sequence[int] = (), dtype=torch.float32) -> torch.Tensor:
-        """[B, *shape] uniforms in (0, 1): 24 random bits for float32/bf16/fp16, 53 for float64."""
+    def uniform(
+        self, stream: Sequence[int], shape: Sequence[int] = (), dtype=torch.float32, *, offset: int = 0
+    ) -> torch.Tensor:
+        """[B, *shape] uniforms in (0, 1): 24 random bits for float32/bf16/fp16, 53 for float64;
+        elements `offset` onwards of the stream (row-major over `shape`)."""
         shape = tuple(int(s) for s in shape)
-        x = self.bits(stream, math.prod(shape))
+        x = self.bits(stream, math.prod(shape), offset)
         if dtype == torch.float64:
             u = ((x >> 11) & ((1 << 53) - 1)).to(torch.float64).mul_(2.0**-53).add_(2.0**-54)
         else:
@@ -807,12 +814,13 @@ def _generate_calm(
             out = choose_approx(cands, T, select_u.get(step))
             timer.lap("select")
             return out
-        calls = [0]
+        drawn = [0]  # draws read so far by every row still sampling
 
         def draw(m: int, rows: torch.Tensor | None) -> torch.Tensor:
-            # noise of call c for a row depends on (its seed, step, c) only: batch-independent
-            noise = rng.uniform((4, step, calls[0]), (m, noise_dim), noise_dtype).sub_(0.5)
-            calls[0] += 1
+            # a row's j-th draw of the step depends on (its seed, step, j) only: neither on the
+            # batch nor on how the sampler splits its draws into calls
+            noise = rng.uniform((4, step), (m, noise_dim), noise_dtype, offset=drawn[0] * noise_dim).sub_(0.5)
+            drawn[0] += m
             timer.lap("select")
             if rows is None:
                 stats.draws += m * h.shape[0]
@@ -821,7 +829,9 @@ def _generate_calm(
             return head_decode(h.index_select(0, rows), noise.index_select(0, rows))
 
         def uniform(key: int, m: int) -> torch.Tensor:
-            return rng.uniform((5, step, key & 0xFFFFFFFF), (m,), torch.float64)
+            if key < 0:  # the choice at the bound
+                return rng.uniform((6, step), (m,), torch.float64)
+            return rng.uniform((5, step), (m,), torch.float64, offset=key)  # coins of draws key..
 
         out, st = sample_exact(
             draw,

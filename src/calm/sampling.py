@@ -364,11 +364,15 @@ def sample_exact(
             capped at ``max_draws``. Larger m means fewer, bigger calls (and more wasted samples).
         max_draws_per_call: if given, m doubles after every call up to this size (few calls when
             P is flat, little waste when it is peaked); default: every call draws the same m.
+            Which draws a row reads does not depend on the split into calls, so neither does
+            its result when ``draw`` and ``uniform`` index their values by draw position (as
+            `calm.generation` does).
         uniform: per-row randomness instead of ``generator``: ``uniform(key, m)`` returns [B, m]
-            float64 uniforms in (0, 1) for the batch rows; key c >= 0 is asked once for the coins
-            of the c-th ``draw`` call, key -1 once for the ``"approx"`` fallback's choice. If a
-            row's values depend only on the row (e.g. `calm.generation.RowRandom`), a row's
-            result does not depend on the other rows of the batch.
+            float64 uniforms in (0, 1) for the batch rows; key c >= 0 asks for the coins of the
+            draws c, ..., c + m - 1 of every row (c = the draws already read by the rows still
+            sampling), key -1 once for the ``"approx"`` fallback's choice. If a row's values
+            depend only on the row and the draw position (e.g. `calm.generation.RowRandom` with
+            an offset), a row's result does not depend on the other rows of the batch.
         active_rows: call ``draw(m, rows)`` instead of ``draw(m)``: ``rows`` is None on the
             first call (all rows; [B, m, K] expected), then the LongTensor of the rows still
             sampling, and the result [len(rows), m, K] holds draws for those rows only, so rows
@@ -476,7 +480,7 @@ def sample_exact(
     while True:
         blocks.append(block)
         drawn += m
-        state.feed(block, uniforms(calls - 1, m) if alpha > 0 else None)
+        state.feed(block, uniforms(drawn - m, m) if alpha > 0 else None)
         still = state.still()
         if not bool(still.any()):  # one sync per call of draw
             break
