@@ -76,7 +76,8 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["model", "bfloat16"],
         default="model",
         help="CALM: dtype of the energy head and autoencoder decoder; bfloat16 is faster at low temperature "
-        "(N candidates decoded per step) but a near-tied token may decode differently",
+        "(N candidates decoded per step; at T = 1 with one prompt it can be slower on CPU) but a near-tied "
+        "token may decode differently",
     )
     add_official_ae_argument(parser)
     parser.add_argument("--seed", type=int, default=None, help="random seed (prompt i uses seed + i)")

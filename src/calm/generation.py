@@ -569,9 +569,11 @@ def generate(
             for decoding CALM's candidates; None: automatic.
         decode_dtype: run CALM's energy head and autoencoder decoder in this dtype (cached
             copies of their weights), e.g. torch.bfloat16: faster where bf16 matmuls are fast
-            (AMX CPUs, CUDA), most at T < 1 where every step decodes N candidates, but a latent
-            whose top two token logits are within bf16 rounding may decode differently. Default None: the model's own dtype (exact decoding; the
-            vocabulary argmax is still bf16-screened where that is exact, see `tied_argmax`).
+            (AMX CPUs, CUDA), most at T < 1 where every step decodes N candidates (at T = 1 and
+            batch 1 on CPU it can be slower: one-row bf16 matmuls cost more than float32 ones
+            there), but a latent whose top two token logits are within bf16 rounding may decode
+            differently. Default None: the model's own dtype (exact decoding; the vocabulary
+            argmax is still bf16-screened where that is exact, see `tied_argmax`).
         profile: time the phases of a step (in stats.phases; synchronises CUDA).
         return_stats: also return a `GenerationStats`.
     """
