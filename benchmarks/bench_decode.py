@@ -22,6 +22,10 @@ Each ratio (CALM tokens/s ÷ AR tokens/s) is printed next to the ratio `calm.flo
 (AR inference FLOPs/token ÷ CALM inference FLOPs/token, at the mean context of the run,
 prompt + new/2 tokens; N = 200 decoded samples per step for T = 0.5).
 
+Every timed run uses ``generate(..., profile=True)`` (on CPU one clock read per phase), and a
+second table splits a step into backbone, AR sampling, CALM head, CALM decoding (autoencoder
+decoder and vocabulary argmax), the T < 1 samplers' own work and bookkeeping.
+
 The approximate sampler's bookkeeping (counting identical chunks, weighting, choosing:
 `calm.generation.choose_approx`) is timed separately on candidates from a real decoding step
 and compared with the median time of a whole T = 0.5 decoding step at the same batch size.
