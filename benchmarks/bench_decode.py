@@ -144,6 +144,7 @@ def timed_run(model, prompts, new_tokens: int, mode: str) -> dict:
         "steps": stats.steps,
         "new_tokens": n,
         "draws": stats.draws,
+        "draws_per_row_step": stats.draws_per_row_step,
         "phase_ms_per_step": phases,
     }
 
@@ -187,7 +188,7 @@ def measure(name: str, batch: int, args) -> dict:
             "tokens_per_s": n / wall,
             "tokens_per_cpu_s": n / cpu,
             "step_ms": 1e3 * wall / rs[0]["steps"],
-            "draws_per_row_step": rs[0]["draws"] / (batch * rs[0]["steps"]) if mode != "ar" else None,
+            "draws_per_row_step": rs[0]["draws_per_row_step"] if mode != "ar" else None,
             "phase_ms_per_step": {
                 k: statistics.median(r["phase_ms_per_step"].get(k, 0.0) for r in rs)
                 for k in rs[0]["phase_ms_per_step"]

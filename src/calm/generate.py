@@ -242,7 +242,7 @@ def run_generate(args) -> int:
             "tokens_per_s": n_new / elapsed if elapsed > 0 else None,
         }
         if kind == "calm" and args.temperature < 1:
-            result["draws_per_step"] = stats.draws / max(1, stats.steps * len(ids))
+            result["draws_per_step"] = stats.draws_per_row_step
             result["exact_hit_limit"] = stats.exact_hit_limit
         out.write(json.dumps(result) + "\n")
         return 0
@@ -256,7 +256,7 @@ def run_generate(args) -> int:
     rate = n_new / elapsed if elapsed > 0 else float("nan")
     extra = ""
     if kind == "calm" and args.temperature < 1:
-        extra = f", {stats.draws / max(1, stats.steps * len(ids)):.1f} head samples per row and step"
+        extra = f", {stats.draws_per_row_step:.1f} head samples per row and step"
         if args.sampler == "exact" and stats.exact_hit_limit:
             extra += f", {stats.exact_hit_limit} row-steps fell back to the approximation"
     print(

@@ -66,7 +66,7 @@ from dataclasses import dataclass, field
 import torch
 
 from calm.fast_decode import ChunkInputTable, decode_chunks, low_precision_copies, tied_argmax
-from calm.sampling import sample_approx, sample_exact, split_inverse_temperature
+from calm.sampling import inverse_cdf_choice, sample_approx, sample_exact, split_inverse_temperature
 
 __all__ = [
     "GenerationError",
@@ -375,10 +375,16 @@ class GenerationStats:
     def tokens_per_s(self) -> float:
         return self.total_new_tokens / self.time_s if self.time_s > 0 else float("nan")
 
+    @property
+    def draws_per_row_step(self) -> float:
+        """CALM: mean head samples decoded per row and step."""
+        return self.draws / max(1, self.steps * self.batch_size)
+
     def to_dict(self) -> dict:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}
         d["total_new_tokens"] = self.total_new_tokens
         d["tokens_per_s"] = self.tokens_per_s
+        d["draws_per_row_step"] = self.draws_per_row_step
         return d
 
 
@@ -714,9 +720,7 @@ def _generate_ar(model, prompts, steps, T, rng, eos, pad, stream, drop_finished,
         logits = model.lm_head(h).float()
         if inv_t != 1.0:
             logits = (logits - logits.amax(-1, keepdim=True)).mul_(inv_t)
-        cdf = torch.softmax(logits, -1, dtype=torch.float64).cumsum_(-1)
-        u = uniforms.get(step).unsqueeze(1) * cdf[:, -1:]
-        out = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[1] - 1)  # [B, 1]
+        out = inverse_cdf_choice(logits, uniforms.get(step)).unsqueeze(1)  # [B, 1]
         timer.lap("sample")
         return out
 

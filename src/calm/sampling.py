@@ -36,6 +36,7 @@ __all__ = [
     "SamplingStats",
     "approx_probabilities",
     "chunk_counts",
+    "inverse_cdf_choice",
     "sample_approx",
     "sample_exact",
     "split_inverse_temperature",
@@ -76,6 +77,18 @@ class SamplingStats:
     @property
     def num_hit_limit(self) -> int:
         return int(self.hit_limit.sum())
+
+
+def inverse_cdf_choice(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Index i of each row with probability softmax(logits)_i, read off the row's own uniform.
+
+    logits [B, N] (any float dtype; the softmax and its running sum are float64), uniforms [B]
+    in (0, 1) -> LongTensor [B]: the inverse CDF at u, so a row's choice depends on its logits
+    and its uniform only. Shared by the token baseline's sampler and `sample_approx`.
+    """
+    cdf = torch.softmax(logits, -1, dtype=torch.float64).cumsum_(-1)
+    u = uniforms.to(cdf).unsqueeze(1) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[1] - 1).squeeze(1)
 
 
 def split_inverse_temperature(temperature: float) -> tuple[int, float]:
@@ -640,10 +653,8 @@ def sample_approx(
             raise ValueError("give either generator or uniforms, not both")
         if not isinstance(uniforms, torch.Tensor) or uniforms.shape != (B,):
             raise ValueError(f"uniforms must be a tensor of shape [{B}] (one per row)")
-        cdf = torch.softmax(logits, dim=1).cumsum_(1)
-        u = uniforms.to(cdf).unsqueeze(1) * cdf[:, -1:]
-        idx = torch.searchsorted(cdf, u, right=True).clamp_(max=N - 1)
-        return candidates.gather(1, idx.unsqueeze(-1).expand(-1, 1, K)).squeeze(1)
+        idx = inverse_cdf_choice(logits, uniforms)
+        return candidates.gather(1, idx.view(B, 1, 1).expand(-1, 1, K)).squeeze(1)
     u = torch.rand(B, N, generator=generator, device=candidates.device, dtype=torch.float64)
     gumbel = -torch.log(-torch.log(u))
     index = (logits + gumbel).argmax(dim=1)
