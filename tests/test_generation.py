@@ -369,6 +369,11 @@ def test_row_random_is_per_row_and_matches_splitmix64():
     signed = torch.tensor([x - (1 << 64) if x >= 1 << 63 else x for x in xs])
     assert [y & ((1 << 64) - 1) for y in _mix64(signed).tolist()] == [_mix64_int(x) for x in xs]
     assert _mix64_int(0) == 0
+    # an offset continues the stream: element i + offset, whatever the split (large offsets too)
+    whole = a.uniform((7,), (40, 3), torch.float64)
+    assert torch.equal(a.uniform((7,), (30, 3), torch.float64, offset=30), whole[:, 10:])
+    far = 1 << 62
+    assert torch.equal(a.bits((7,), 5, far)[:, 2:], a.bits((7,), 3, far + 2))
     # rough uniformity
     u = RowRandom(range(8)).uniform((5,), (20000,), torch.float64)
     assert abs(float(u.mean()) - 0.5) < 0.005 and abs(float(u.var()) - 1 / 12) < 0.002

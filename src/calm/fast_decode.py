@@ -154,12 +154,20 @@ def _screened_argmax(h: torch.Tensor, weight: torch.Tensor, s: _Screen) -> torch
     return torch.full((R,), V, dtype=torch.long, device=h.device).scatter_reduce_(0, rows, key, "amin")
 
 
-def decode_chunks(autoencoder, z: torch.Tensor, *, screen: bool | None = None) -> torch.Tensor:
+def decode_chunks(
+    autoencoder, z: torch.Tensor, *, screen: bool | None = None, vocab_weight: torch.Tensor | None = None
+) -> torch.Tensor:
     """Latents [..., l] -> token chunks [..., K]: the autoencoder decoder's argmax, computed
-    with `tied_argmax` (same result as ``autoencoder.decode(z)``, faster for many latents)."""
+    with `tied_argmax` (same result as ``autoencoder.decode(z)``, faster for many latents).
+
+    vocab_weight: the vocabulary matrix to take the argmax through instead of the decoder's own
+    (a low-precision copy of the decoder keeps the float32 argmax of the original this way);
+    the decoder's hidden states are cast to its dtype.
+    """
     h = autoencoder.decode_hidden(z)  # [..., K, d]
-    flat = h.reshape(-1, h.shape[-1])
-    return tied_argmax(flat, autoencoder.lm_head.weight, screen=screen).view(h.shape[:-1])
+    weight = autoencoder.lm_head.weight if vocab_weight is None else vocab_weight
+    flat = h.reshape(-1, h.shape[-1]).to(weight.dtype)
+    return tied_argmax(flat, weight, screen=screen).view(h.shape[:-1])
 
 
 # ---------------------------------------------------------------------------------------------

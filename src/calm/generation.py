@@ -147,9 +147,8 @@ class RowRandom:
         self.keys = self.keys[rows]
 
     def _index(self, n: int, offset: int = 0) -> torch.Tensor:
-        if offset:
-            idx = torch.arange(offset + 1, offset + n + 1, dtype=torch.int64, device=self.keys.device)
-            return (idx * _GOLDEN).view(1, n)
+        if offset:  # (i + offset)·G = i·G + offset·G modulo 2^64, as int64 arithmetic wraps
+            return self._index(n) + _signed64(offset * 0x9E3779B97F4A7C15)
         idx = self._index_cache.get(n)
         if idx is None:
             idx = (torch.arange(1, n + 1, dtype=torch.int64, device=self.keys.device) * _GOLDEN).view(1, n)
@@ -801,12 +800,11 @@ def _generate_calm(
             z = head(h, noise)  # [b, m, l]
             timer.lap("head")
             c = decode_chunks(ae, z, screen=screen)  # [b, m, K]
-        else:
+        else:  # the vocabulary argmax stays on the model's own (float32) weight
             low_head, low_ae = low_precision_copies(model, decode_dtype)
             z = low_head(h.to(decode_dtype), noise.to(decode_dtype))
             timer.lap("head")
-            hid = low_ae.decode_hidden(z)  # [b, m, K, d]
-            c = tied_argmax(hid.float().flatten(0, -2), ae.lm_head.weight, screen=screen).view(hid.shape[:-1])
+            c = decode_chunks(low_ae, z, screen=screen, vocab_weight=ae.lm_head.weight)
         timer.lap("decode")
         return c
 
