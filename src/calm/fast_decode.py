@@ -67,7 +67,8 @@ def _cached(kind, tensors: list[torch.Tensor], build):
         return value
     value = build()
     # the entry goes with the tensor (a 64 MiB table should not outlive its model)
-    _cache[key] = (weakref.ref(tensors[0], lambda _, key=key: _cache.pop(key, None)), state, value)
+    # (the dict is bound now: at interpreter exit the module global may already be None)
+    _cache[key] = (weakref.ref(tensors[0], lambda _, key=key, c=_cache: c.pop(key, None)), state, value)
     return value
 
 
