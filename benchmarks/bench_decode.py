@@ -6,7 +6,9 @@ that its samples differ, as a trained head's do), 32-token prompts, 256 new toke
 at end of text. Modes:
 
   ar        the token-level baseline, T = 1 (softmax sampling; its cost does not depend on T)
-  calm_t1   CALM at T = 1: one head sample per step, decoded by the autoencoder
+  calm_t1   CALM at T = 1: one head sample per step, decoded by the autoencoder (on CPU at
+            batch <= 8: head + decoder + argmax in one compiled call, `calm.fused_decode`)
+  calm_t1_torch  the same through the PyTorch modules (``fused_kernel=False``): before/after
   calm_t05  CALM at T = 0.5 with the approximate sampler, N = 200 candidates per step, decoded
             exactly (float32; bf16-screened vocabulary argmax, `calm.generation.tied_argmax`)
   calm_t05_exact  CALM at T = 0.5 with the exact sampler (draws in doubling blocks until it
@@ -80,6 +82,7 @@ SETTINGS = {
 MODES = {
     "ar": dict(),
     "calm_t1": dict(temperature=1.0),
+    "calm_t1_torch": dict(temperature=1.0, fused_kernel=False),
     "calm_t1_bf16": dict(temperature=1.0, decode_dtype=torch.bfloat16),
     "calm_t05": dict(temperature=0.5, sampler="approx", num_candidates=200),
     "calm_t05_exact": dict(temperature=0.5, sampler="exact", num_candidates=200),
@@ -213,7 +216,7 @@ def measure(name: str, batch: int, args) -> dict:
     return res
 
 
-_PHASES = ("backbone", "sample", "head", "decode", "select", "bookkeeping")
+_PHASES = ("backbone", "sample", "head", "decode", "head+decode", "select", "bookkeeping")
 
 
 def markdown(results: list[dict], meta: dict) -> str:
@@ -249,6 +252,7 @@ def markdown(results: list[dict], meta: dict) -> str:
         "Where a decoding step's time goes (ms per step, median over the runs; `generate(profile=True)`): "
         "backbone = one backbone step (CALM: with its chunk input), sample = AR vocabulary projection "
         "and sampling, head = energy-head samples, decode = autoencoder decoder and vocabulary argmax, "
+        "head+decode = both in the compiled kernel (`calm.fused_decode`), "
         "select = the T < 1 samplers' own work, bookkeeping = recording outputs:",
         "",
         "| setting | batch | mode | step ms | " + " | ".join(_PHASES) + " |",

@@ -51,6 +51,9 @@ Decoding the candidates is the cost of low temperature
     runs head and decoder on bf16 copies instead (faster for many candidates, not exact).
     Each step's CALM input (the chunk just produced) is K rows of a precomputed table
     (`calm.fast_decode.ChunkInputTable`), not a matmul over the K·d flattened embeddings.
+    With a few rows per step (batch 1 at T = 1, the first blocks of the exact sampler) on CPU,
+    head + decoder + argmax run as one compiled call (`calm.fused_decode`) instead of ~80
+    small PyTorch ops whose dispatch costs more than their arithmetic.
     Identical chunks are counted with tensor ops (`calm.sampling.chunk_counts`) and one chunk
     is chosen per row (`choose_approx`), without a loop over rows; this bookkeeping is well
     under 1% of a step at N = 200 (benchmarks/bench_decode.py).
@@ -65,6 +68,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from calm import fused_decode
 from calm.fast_decode import ChunkInputTable, decode_chunks, low_precision_copies, tied_argmax
 from calm.sampling import inverse_cdf_choice, sample_approx, sample_exact, split_inverse_temperature
 
@@ -364,6 +368,7 @@ class GenerationStats:
     num_candidates: int | None = None
     draws: int = 0  # CALM: head samples decoded (all rows, all steps)
     exact_hit_limit: int = 0  # CALM exact sampler: rows x steps that hit max_draws (fallback used)
+    fused_draws: int = 0  # CALM: of `draws`, those decoded by the compiled kernel (calm.fused_decode)
     phases: dict[str, float] = field(default_factory=dict)  # with profile=True: time per phase
 
     @property
@@ -497,6 +502,25 @@ def _decode_dtype(value, model) -> torch.dtype | None:
     return None if dtype == next(model.parameters()).dtype else dtype
 
 
+def _fused_kernel(choice, model, decode_dtype) -> bool:
+    """Whether CALM's small decoding steps go through `calm.fused_decode` (see `generate`)."""
+    if choice is False or _model_kind(model) != "calm":
+        return False
+    if choice not in (None, True):
+        raise GenerationError(f"fused_kernel must be None, True or False, got {choice!r}")
+    reason = None
+    if decode_dtype is not None:
+        reason = "decode_dtype asks for low-precision copies, which the kernel does not run"
+    else:
+        try:
+            fused_decode.check_model(model.head, model.autoencoder)
+        except fused_decode.KernelUnavailable as e:
+            reason = str(e)
+    if reason is not None and choice:
+        raise GenerationError(f"fused_kernel=True but the fused decode kernel cannot be used: {reason}")
+    return reason is None
+
+
 def _model_kind(model) -> str:
     kind = getattr(getattr(model, "config", None), "kind", None)
     if kind not in ("calm", "ar"):
@@ -539,6 +563,7 @@ def generate(
     drop_finished: bool = True,
     screen: bool | None = None,
     decode_dtype: torch.dtype | str | None = None,
+    fused_kernel: bool | None = None,
     profile: bool = False,
     return_stats: bool = False,
 ):
@@ -571,7 +596,8 @@ def generate(
             64); see `calm.sampling.sample_exact`.
         drop_finished: remove finished rows from the batch (and KV cache) to save compute.
         screen: force (True) or forbid (False) the bf16-screened exact argmax of `tied_argmax`
-            for decoding CALM's candidates; None: automatic.
+            for decoding CALM's candidates through PyTorch; None: automatic. (The fused kernel
+            takes the float32 argmax directly.)
         decode_dtype: run CALM's energy head and autoencoder decoder in this dtype (cached
             copies of their weights), e.g. torch.bfloat16: faster where bf16 matmuls are fast
             (AMX CPUs, CUDA), most at T < 1 where every step decodes N candidates (at T = 1 and
@@ -579,6 +605,11 @@ def generate(
             there), but a latent whose top two token logits are within bf16 rounding may decode
             differently. Default None: the model's own dtype (exact decoding; the vocabulary
             argmax is still bf16-screened where that is exact, see `tied_argmax`).
+        fused_kernel: CALM on CPU: decode steps of at most `calm.fused_decode.MAX_ROWS`
+            latents with the compiled head + decoder + argmax kernel (the same tokens up to
+            float32 rounding; compiled on first use). None (default): where it applies and
+            compiles; True: require it (GenerationError saying why if it cannot be used);
+            False: always the PyTorch modules.
         profile: time the phases of a step (in stats.phases; synchronises CUDA).
         return_stats: also return a `GenerationStats`.
     """
@@ -666,6 +697,7 @@ def generate(
                 draws_per_call=draws_per_call,
                 screen=screen,
                 decode_dtype=_decode_dtype(decode_dtype, model),
+                fused_kernel=_fused_kernel(fused_kernel, model, _decode_dtype(decode_dtype, model)),
                 profile=profile,
             )
     finally:
@@ -766,6 +798,7 @@ def _generate_calm(
     draws_per_call,
     screen,
     decode_dtype,
+    fused_kernel,
     profile,
 ):
     cfg = model.config
@@ -796,6 +829,11 @@ def _generate_calm(
     select_u = _NoiseBlocks(rng, 3, (), torch.float64)
 
     def head_decode(h: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        if fused_kernel and h.shape[0] * noise.shape[1] <= fused_decode.MAX_ROWS:
+            c = fused_decode.head_decode(head, ae, h, noise)
+            stats.fused_draws += c.shape[0] * c.shape[1]
+            timer.lap("head+decode")
+            return c
         if decode_dtype is None:
             z = head(h, noise)  # [b, m, l]
             timer.lap("head")
