@@ -147,7 +147,7 @@ def test_the_kernel_can_be_turned_off(fresh_kernel, monkeypatch):
     monkeypatch.setenv("CALM_FUSED_KERNEL", "0")
     assert not fused_decode.available()
     with pytest.raises(fused_decode.KernelUnavailable, match="CALM_FUSED_KERNEL=0"):
-        fused_decode.check_model(_calm().head, _calm().autoencoder)
+        fused_decode.kernel_for(_calm().head, _calm().autoencoder)
 
 
 @needs_kernel
@@ -168,7 +168,7 @@ def test_the_compiled_kernel_is_cached_on_disk(fresh_kernel, monkeypatch):
 def test_models_the_kernel_cannot_run_are_named():
     model = _calm().double()
     with pytest.raises(fused_decode.KernelUnavailable, match="float32"):
-        fused_decode.check_model(model.head, model.autoencoder)
+        fused_decode.kernel_for(model.head, model.autoencoder)
     out, stats = generate(model, [[1, 2, 3]], max_new_tokens=8, seed=0, return_stats=True)
     assert stats.fused_draws == 0
     with pytest.raises(GenerationError, match="float32"):

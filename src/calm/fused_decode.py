@@ -11,8 +11,8 @@ to float32 rounding (another summation order): the same tokens except where two 
 The C file is compiled on first use with the system's C compiler (``$CC``, else ``cc``) and
 cached under ``$CALM_CACHE_DIR`` (default ``~/.cache/calm``), keyed by the source, the compiler
 and the CPU. Without a compiler, on another device or dtype, or for models whose head or
-autoencoder is not the stock module, `head_decode` returns None and the caller uses PyTorch.
-``CALM_FUSED_KERNEL=0`` turns it off.
+autoencoder is not the stock module, `kernel_for` raises KernelUnavailable (saying why) and
+`calm.generation.generate` uses PyTorch. ``CALM_FUSED_KERNEL=0`` turns it off.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from torch import nn
 
 from calm.fast_decode import _cached
 
-__all__ = ["MAX_ROWS", "KernelUnavailable", "available", "check_model", "head_decode"]
+__all__ = ["MAX_ROWS", "FusedHeadDecoder", "KernelUnavailable", "available", "head_decode", "kernel_for"]
 
 # Rows (batch × samples) up to which the kernel is used: it is single-threaded and reads each
 # weight row once for all rows, which beats PyTorch's dispatch at a few rows; from a few dozen
@@ -150,19 +150,14 @@ def available() -> bool:
     return _load()[0] is not None
 
 
-def check_model(head, autoencoder) -> None:
-    """Raises KernelUnavailable (saying why) unless the kernel compiles and can run this CALM
-    head + autoencoder (the stock modules, float32 on the CPU)."""
-    _library()
-    _plan(head, autoencoder)
-
-
 # ---------------------------------------------------------------------------------------------
 # The model's weights as the kernel reads them
 
 
-class _Plan:
-    """Pointers to a CALM head + autoencoder's weights in the kernel's order, with its sizes."""
+class FusedHeadDecoder:
+    """The kernel bound to one CALM head + autoencoder: pointers to their weights in the
+    kernel's order, and their sizes. Get it from `kernel_for` (cached while the weights are
+    unchanged); call it like `head_decode`."""
 
     def __init__(self, head, ae):
         from calm.models.energy import EnergyHead
@@ -174,17 +169,16 @@ class _Plan:
         def add(*ts):
             tensors.extend(ts)
 
-        lin = lambda m: (m.weight, m.bias)  # noqa: E731
-        ln = lambda m: (m.weight, m.bias)  # noqa: E731
-        add(*lin(head.hidden_embd), *ln(head.norm_hidden), *lin(head.noise_embd), *ln(head.norm_noise))
+        wb = lambda m: (m.weight, m.bias)  # noqa: E731  (Linear and LayerNorm alike)
+        add(*wb(head.hidden_embd), *wb(head.norm_hidden), *wb(head.noise_embd), *wb(head.norm_noise))
         for b in head.blocks:
-            add(*ln(b.in_ln), *lin(b.linears[0]), *lin(b.linears[2]), *lin(b.linears[4]), *lin(b.down_proj))
+            add(*wb(b.in_ln), *wb(b.linears[0]), *wb(b.linears[2]), *wb(b.linears[4]), *wb(b.down_proj))
         f = head.final_layer
-        add(*ln(f.in_ln), *lin(f.linears[0]), *lin(f.linears[2]))
-        add(*lin(ae.from_latent))
+        add(*wb(f.in_ln), *wb(f.linears[0]), *wb(f.linears[2]))
+        add(*wb(ae.from_latent))
         for b in ae.decoder_pre:
             add(b.norm.weight, b.mlp.gate_proj.weight, b.mlp.up_proj.weight, b.mlp.down_proj.weight)
-        add(*lin(ae.expand))
+        add(*wb(ae.expand))
         for b in ae.decoder_post:
             add(b.norm.weight, b.mlp.gate_proj.weight, b.mlp.up_proj.weight, b.mlp.down_proj.weight)
         add(ae.decoder_norm.weight, ae.lm_head.weight)
@@ -213,14 +207,52 @@ class _Plan:
         self.eps = (ctypes.c_float * 2)(lns[0].eps, rms[0].eps)
         self.K, self.latent_dim, self.noise_dim, self.d = c.chunk_size, head.latent_dim, head.noise_dim, d
 
+    def __call__(
+        self, h: torch.Tensor, noise: torch.Tensor, *, latents: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """See `head_decode`."""
+        if h.device.type != "cpu" or h.dtype != torch.float32 or noise.dtype != torch.float32:
+            raise KernelUnavailable("the kernel runs on float32 CPU tensors")
+        B, m = noise.shape[0], noise.shape[1]
+        if h.shape != (B, self.d) or noise.shape[2] != self.noise_dim:
+            raise ValueError(f"h {tuple(h.shape)} and noise {tuple(noise.shape)} do not fit the head")
+        if latents is not None and (
+            latents.shape != (B, m, self.latent_dim)
+            or latents.dtype != torch.float32
+            or not latents.is_contiguous()
+        ):
+            raise ValueError(
+                f"latents must be a contiguous float32 tensor of shape {(B, m, self.latent_dim)}"
+            )
+        h, noise = h.contiguous(), noise.contiguous()
+        out = torch.empty((B, m, self.K), dtype=torch.long)
+        rc = _library().calm_fused_head_decode(
+            self.ptrs,
+            self.dims,
+            self.eps,
+            h.data_ptr(),
+            B,
+            noise.data_ptr(),
+            m,
+            out.data_ptr(),
+            None if latents is None else latents.data_ptr(),
+        )
+        if rc != 0:
+            raise MemoryError("the fused decode kernel could not allocate its scratch memory")
+        return out
 
-def _plan(head, ae) -> _Plan:
+
+def kernel_for(head, autoencoder) -> FusedHeadDecoder:
+    """The kernel for this CALM head + autoencoder, cached while their weights are unchanged.
+    Raises KernelUnavailable (saying why) unless it compiles and can run them (the stock
+    modules, float32 on the CPU)."""
     from calm.models.autoencoder import ChunkAutoencoder
 
-    if type(ae) is not ChunkAutoencoder:
+    _library()
+    if type(autoencoder) is not ChunkAutoencoder:
         raise KernelUnavailable("the autoencoder is not the stock module")
-    params = list(head.parameters()) + list(ae.parameters())
-    return _cached(("fused-plan", id(head)), params, lambda: _Plan(head, ae))
+    params = list(head.parameters()) + list(autoencoder.parameters())
+    return _cached(("fused-plan", id(head)), params, lambda: FusedHeadDecoder(head, autoencoder))
 
 
 def head_decode(
@@ -231,32 +263,4 @@ def head_decode(
     latents: an optional float32 tensor [B, m, latent_dim] that receives the head's samples.
     Raises KernelUnavailable when the kernel cannot serve these inputs (see the module
     docstring)."""
-    if h.device.type != "cpu" or h.dtype != torch.float32 or noise.dtype != torch.float32:
-        raise KernelUnavailable("the kernel runs on float32 CPU tensors")
-    lib = _library()
-    plan = _plan(head, autoencoder)
-    B, m = noise.shape[0], noise.shape[1]
-    if h.shape != (B, plan.d) or noise.shape[2] != plan.noise_dim:
-        raise ValueError(f"h {tuple(h.shape)} and noise {tuple(noise.shape)} do not fit the head")
-    h, noise = h.contiguous(), noise.contiguous()
-    out = torch.empty((B, m, plan.K), dtype=torch.long)
-    if latents is not None and (
-        latents.shape != (B, m, plan.latent_dim)
-        or latents.dtype != torch.float32
-        or not latents.is_contiguous()
-    ):
-        raise ValueError(f"latents must be a contiguous float32 tensor of shape {(B, m, plan.latent_dim)}")
-    rc = lib.calm_fused_head_decode(
-        plan.ptrs,
-        plan.dims,
-        plan.eps,
-        h.data_ptr(),
-        B,
-        noise.data_ptr(),
-        m,
-        out.data_ptr(),
-        None if latents is None else latents.data_ptr(),
-    )
-    if rc != 0:
-        raise MemoryError("the fused decode kernel could not allocate its scratch memory")
-    return out
+    return kernel_for(head, autoencoder)(h, noise, latents=latents)

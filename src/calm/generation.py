@@ -502,23 +502,23 @@ def _decode_dtype(value, model) -> torch.dtype | None:
     return None if dtype == next(model.parameters()).dtype else dtype
 
 
-def _fused_kernel(choice, model, decode_dtype) -> bool:
-    """Whether CALM's small decoding steps go through `calm.fused_decode` (see `generate`)."""
+def _fused_kernel(choice, model, decode_dtype) -> fused_decode.FusedHeadDecoder | None:
+    """The `calm.fused_decode` kernel for CALM's small decoding steps, or None (see `generate`)."""
     if choice is False or _model_kind(model) != "calm":
-        return False
+        return None
     if choice not in (None, True):
         raise GenerationError(f"fused_kernel must be None, True or False, got {choice!r}")
-    reason = None
+    kernel, reason = None, None
     if decode_dtype is not None:
         reason = "decode_dtype asks for low-precision copies, which the kernel does not run"
     else:
         try:
-            fused_decode.check_model(model.head, model.autoencoder)
+            kernel = fused_decode.kernel_for(model.head, model.autoencoder)
         except fused_decode.KernelUnavailable as e:
             reason = str(e)
     if reason is not None and choice:
         raise GenerationError(f"fused_kernel=True but the fused decode kernel cannot be used: {reason}")
-    return reason is None
+    return kernel
 
 
 def _model_kind(model) -> str:
@@ -670,6 +670,7 @@ def generate(
         temperature=temperature,
         num_candidates=num_candidates if kind == "calm" and sampler == "approx" and temperature < 1 else None,
     )
+    low_dtype = _decode_dtype(decode_dtype, model) if kind == "calm" else None
     was_training = model.training
     model.eval()
     t0 = time.perf_counter()
@@ -696,8 +697,8 @@ def generate(
                 max_draws=max_draws,
                 draws_per_call=draws_per_call,
                 screen=screen,
-                decode_dtype=_decode_dtype(decode_dtype, model),
-                fused_kernel=_fused_kernel(fused_kernel, model, _decode_dtype(decode_dtype, model)),
+                decode_dtype=low_dtype,
+                fused_kernel=_fused_kernel(fused_kernel, model, low_dtype),
                 profile=profile,
             )
     finally:
@@ -829,8 +830,8 @@ def _generate_calm(
     select_u = _NoiseBlocks(rng, 3, (), torch.float64)
 
     def head_decode(h: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        if fused_kernel and h.shape[0] * noise.shape[1] <= fused_decode.MAX_ROWS:
-            c = fused_decode.head_decode(head, ae, h, noise)
+        if fused_kernel is not None and h.shape[0] * noise.shape[1] <= fused_decode.MAX_ROWS:
+            c = fused_kernel(h, noise)  # resolved once per call, as the chunk-input table
             stats.fused_draws += c.shape[0] * c.shape[1]
             timer.lap("head+decode")
             return c
