@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -175,3 +179,17 @@ def test_models_the_kernel_cannot_run_are_named():
         generate(model, [[1, 2, 3]], max_new_tokens=8, seed=0, fused_kernel=True)
     with pytest.raises(GenerationError, match="decode_dtype"):
         generate(_calm(), [[1, 2, 3]], max_new_tokens=8, decode_dtype="bfloat16", fused_kernel=True)
+
+
+@needs_kernel
+def test_a_damaged_cached_kernel_is_built_again(fresh_kernel):
+    assert fused_decode.available()
+    (built,) = (fresh_kernel / "kernels").glob("fused_decode-*.so")
+    built.unlink()  # (this process has it mapped: replace the file, do not overwrite it)
+    built.write_bytes(b"not a shared library")  # e.g. a disk that filled up
+    # a fresh process, as a damaged file is found in real life (dlopen caches by path)
+    code = "from calm import fused_decode; print(fused_decode._load()[1] or 'ok')"
+    env = {**os.environ, "CALM_CACHE_DIR": str(fresh_kernel)}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert res.stdout.strip() == "ok", res.stdout + res.stderr
+    assert built.read_bytes()[:4] == b"\x7fELF"

@@ -99,8 +99,13 @@ def _build() -> ctypes.CDLL:
     path = _cache_dir() / f"fused_decode-{key}.so"
     if not path.exists():
         _compile(cc, path)
-    lib = ctypes.CDLL(str(path))
-    fn = lib.calm_fused_head_decode
+    try:
+        lib = ctypes.CDLL(str(path))
+        fn = lib.calm_fused_head_decode
+    except (OSError, AttributeError):  # a damaged or foreign file in the cache: build it afresh
+        _compile(cc, path)
+        lib = ctypes.CDLL(str(path))
+        fn = lib.calm_fused_head_decode
     fn.restype = ctypes.c_int
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
     fn.argtypes = [ptr, ptr, ptr, ptr, i64, ptr, i64, ptr, ptr]  # see calm_fused_head_decode
