@@ -81,26 +81,41 @@ def lr_multiplier(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+def param_groups(
+    model: nn.Module, weight_decay: float, lr: float | None = None, lr_scales: dict[str, float] | None = None
+) -> list[dict[str, Any]]:
     """AdamW groups: decay for matrices, none for vectors/scalars (norms, biases) and embeddings.
 
     Frozen parameters (``requires_grad=False``, e.g. CALM's autoencoder) are left out. Tied
-    parameters appear once (under their first name).
+    parameters appear once (under their first name). lr_scales ({module prefix: factor},
+    `TrainConfig.lr_scales`) puts the parameters under each prefix into groups of their own
+    with ``lr * factor`` (the schedule multiplies every group's lr alike).
     """
     embedding_params = {
         id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters(recurse=False)
     }
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
+    scales = lr_scales or {}
+    unknown = [p for p in scales if not any(n.startswith(p + ".") for n, _ in model.named_parameters())]
+    if unknown:
+        raise ConfigError(f"lr_scale names no parameters of {type(model).__name__}: {', '.join(unknown)}")
+    groups: dict[tuple[bool, float], list] = {}
+    for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or id(p) in embedding_params else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+        decay = not (p.ndim < 2 or id(p) in embedding_params)
+        factor = next((f for prefix, f in scales.items() if name.startswith(prefix + ".")), 1.0)
+        groups.setdefault((decay, factor), []).append(p)
+    out = []
+    for (decay, factor), params in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1])):
+        group = {"params": params, "weight_decay": weight_decay if decay else 0.0}
+        if factor != 1.0:
+            group["lr"] = lr * factor if lr is not None else None
+        out.append(group)
+    return out
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device | None = None):
-    groups = param_groups(model, cfg.weight_decay)
+    groups = param_groups(model, cfg.weight_decay, cfg.lr, cfg.lr_scales)
     if not groups:
         raise TrainingError(f"{type(model).__name__} has no trainable parameters")
     kwargs = {"fused": True} if device is not None and device.type == "cuda" else {}
@@ -390,7 +405,10 @@ def train(
                     loss, metrics = loss_call(batch.to(device))
                 avg.add({**metrics, "loss": loss}, weight=len(batch))
             if len(val):
-                out = {f"val_{k}": v for k, v in _global_means(avg).items()}
+                means = _global_means(avg)
+                derived = getattr(raw, "derived_metrics", None)  # e.g. CALM's gap_closed
+                means.update(derived(means) if derived is not None else {})
+                out = {f"val_{k}": v for k, v in means.items()}
             if eval_fn is not None:
                 out.update(eval_fn(raw, step) or {})
         raw.train()
