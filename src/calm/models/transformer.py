@@ -4,7 +4,10 @@ The backbone maps input vectors [B, T, d] to hidden states [B, T, d] (after the 
 What the inputs are (token embeddings, compressed chunks) and what is read from the outputs
 (logits, an energy head) is the business of the model that owns it.
 
-Decoding uses `KVCache`. Left-padded batches pass `positions` (per-row position ids, so a
+Decoding uses a cache: `KVCache` for incremental decoding, `SharedPrefixCache` for many
+continuations of one context (BrierLM rollouts). A cache stores each layer's new keys and
+values and says what the new queries may attend to (`store`, `attention`); the block itself
+is the same in every case. Left-padded batches pass `positions` (per-row position ids, so a
 row's first real element sits at position 0) and `valid` (False on pad slots); pad slots
 are never attended to by real positions, so a padded row computes exactly what it would
 without the pads.
@@ -45,11 +48,87 @@ class KVCache:
         self.length = end
         return start, end
 
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor, span: tuple[int, int]):
+        """Write the new keys/values [B, H_kv, T, hd] into `span`; return all keys/values so far."""
+        start, end = span
+        self.keys[layer][:, :, start:end] = k
+        self.values[layer][:, :, start:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def attention(self, T: int, past: int) -> tuple[torch.Tensor | None, bool]:
+        """(boolean mask [B, 1, T, past+T] or None, is_causal) for T new queries after `past` slots."""
+        if self.dense and (T == 1 or past == 0):
+            # Every cached slot is real: one new query may see all of them (no mask, not
+            # causal: SDPA's causal mask is top-left aligned), a first block is plainly causal.
+            return None, T > 1
+        return _padding_mask(self.valid[:, : past + T], past, T), False
+
     def select(self, rows: torch.Tensor) -> None:
         """Keep only the batch rows in `rows` (e.g. drop finished sequences)."""
         self.keys = [k[rows] for k in self.keys]
         self.values = [v[rows] for v in self.values]
         self.valid = self.valid[rows]
+
+
+class SharedPrefixCache:
+    """Continuations of Q queries that share one context cache per window, without copies.
+
+    Query q of window b may attend to the first ``ctx[q]`` slots of ``base`` (a filled
+    `KVCache` of B windows; its invalid slots stay invisible) and to its own earlier steps.
+    Each step feeds one element per query ([B, Q] inputs, ``positions`` [B, Q]); the new keys
+    are appended step-major, and one boolean mask over [context | own keys of all queries]
+    lets each query see exactly its own context and its own continuation, so the backbone's
+    ordinary SDPA block serves all Q·B continuations in one call per step.
+    """
+
+    def __init__(self, base: KVCache, ctx: torch.Tensor, steps: int):
+        self.base, self.steps = base, steps
+        self.prefix = int(ctx.max())  # context slots read (once per cache)
+        self.Q = len(ctx)
+        slots = torch.arange(self.prefix, device=ctx.device)
+        # [B, 1, Q, S]: a query's context slots that hold real elements of its window
+        self.context_mask = ((slots[None, :] < ctx[:, None])[None] & base.valid[:, None, : self.prefix])[
+            :, None
+        ]
+        self.own: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(base.keys)
+        self.length = 0  # continuation steps stored
+
+    def reserve(self, n: int, valid) -> None:
+        if n != self.Q or valid is not None:
+            raise ValueError(
+                f"a SharedPrefixCache takes one element per query and step ({self.Q}), without padding; got {n}"
+            )
+        if self.length >= self.steps:
+            raise ValueError(f"SharedPrefixCache full: {self.steps} continuation steps allocated")
+        self.length += 1
+        return None
+
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor, span) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v [B, H_kv, Q, hd] (one new key per query) -> [context | own keys so far]."""
+        prev = self.own[layer]
+        own = (k, v) if prev is None else (torch.cat([prev[0], k], 2), torch.cat([prev[1], v], 2))
+        self.own[layer] = own
+        S = self.prefix
+        return (
+            torch.cat([self.base.keys[layer][:, :, :S], own[0]], 2),
+            torch.cat([self.base.values[layer][:, :, :S], own[1]], 2),
+        )
+
+    def attention(self, T: int, past: int) -> tuple[torch.Tensor, bool]:
+        # own slot (step j, query q') is visible to query q iff q' == q (steps so far only)
+        eye = torch.eye(self.Q, dtype=torch.bool, device=self.context_mask.device)
+        own = eye.repeat(1, self.length)[None, None].expand(self.context_mask.shape[0], 1, -1, -1)
+        return torch.cat([self.context_mask, own], -1), False
+
+
+def _padding_mask(key_ok: torch.Tensor, past: int, T: int) -> torch.Tensor:
+    """[B, 1, T, past+T]: causal, real keys only; a slot may always see itself so that pad
+    queries have one key and stay finite (their outputs are never used)."""
+    total = past + T
+    q_idx = torch.arange(past, total, device=key_ok.device)[:, None]
+    k_idx = torch.arange(total, device=key_ok.device)[None, :]
+    mask = ((k_idx <= q_idx)[None] & key_ok[:, None, :]) | (k_idx == q_idx)[None]
+    return mask[:, None]
 
 
 class Attention(nn.Module):
@@ -73,10 +152,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
-            start, end = span
-            cache.keys[layer][:, :, start:end] = k
-            cache.values[layer][:, :, start:end] = v
-            k, v = cache.keys[layer][:, :, :end], cache.values[layer][:, :, :end]
+            k, v = cache.store(layer, k, v, span)
         gqa = self.kv_heads != self.num_heads
         if mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
@@ -136,21 +212,12 @@ class Backbone(nn.Module):
             positions = torch.arange(past, past + T, device=x.device).expand(B, T)
         cos, sin = self.rotary(positions)
         span = cache.reserve(T, valid) if cache is not None else None
-        mask, causal = None, True
-        if cache is not None and cache.dense and (T == 1 or past == 0):
-            # Every cached slot is real: one new query may see all of them (no mask, not
-            # causal: SDPA's causal mask is top-left aligned), a first block is plainly causal.
-            causal = T > 1
-        elif cache is not None or valid is not None:
-            # Boolean mask [B, 1, T, past+T]: causal, real keys only; a slot may always see itself
-            # so that pad queries have one key and stay finite (their outputs are never used).
-            total = past + T
-            q_idx = torch.arange(past, total, device=x.device)[:, None]
-            k_idx = torch.arange(total, device=x.device)[None, :]
-            causal = k_idx <= q_idx
-            key_ok = cache.valid[:, :total] if cache is not None else valid
-            mask = (causal[None] & key_ok[:, None, :]) | (k_idx == q_idx)[None]
-            mask = mask[:, None]
+        if cache is not None:
+            mask, causal = cache.attention(T, past)
+        elif valid is not None:
+            mask, causal = _padding_mask(valid, 0, T), False
+        else:
+            mask, causal = None, True
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, causal, cache, i, span)
         return self.norm(x)
