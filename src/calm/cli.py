@@ -55,6 +55,16 @@ def add_official_ae_argument(parser) -> None:
     )
 
 
+def add_no_verify_argument(parser) -> None:
+    """``--no-verify`` for a command that loads a checkpoint (`calm.checkpoint.load_model` ``verify``)."""
+    parser.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="skip the SHA-256 check of the checkpoint's weights against its COMPLETE marker and the "
+        "refusal of NaN/inf weights (sizes are still checked)",
+    )
+
+
 def _top_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="calm",
