@@ -28,10 +28,8 @@ import os
 import re
 import secrets
 import shutil
-import threading
 import warnings
 from collections import defaultdict
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -310,16 +308,11 @@ def _read_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
-def _verify_files(
-    path: Path, verify: bool = True, names: tuple[str, ...] = _SIZED_FILES, *, wait: bool = True
-) -> Callable[[], None]:
+def _verify_files(path: Path, verify: bool = True, names: tuple[str, ...] = _SIZED_FILES) -> None:
     """Check `names` of checkpoint `path` against its COMPLETE marker: sizes always, hashes if `verify`.
 
     A marker that is not JSON is corruption too. Markers written before hashes were recorded
-    (sizes only, or an empty file) are checked as far as they go. Sizes are checked at once;
-    with ``wait=False`` the hashes are computed on a background thread (hashlib releases the
-    GIL, so this overlaps the caller's own read of the file) and the returned function joins it
-    and raises on a mismatch; with ``wait=True`` they are checked before returning.
+    (sizes only, or an empty file) are checked as far as they go.
     """
     try:
         text = (path / COMPLETE_FILE).read_text()
@@ -334,7 +327,6 @@ def _verify_files(
     sizes, hashes = marker.get("sizes") or {}, marker.get(HASH_ALGORITHM) or {}
     if not isinstance(sizes, dict) or not isinstance(hashes, dict):
         raise CheckpointError(f"{path / COMPLETE_FILE} is corrupted (sizes/{HASH_ALGORITHM} are not maps)")
-    to_hash: list[tuple[Path, str]] = []
     for name in names:
         if name not in sizes and name not in hashes:
             continue
@@ -348,40 +340,13 @@ def _verify_files(
         if verify and name in hashes:
             if actual is None:
                 raise CheckpointError(f"{file} is missing: the checkpoint is corrupted")
-            to_hash.append((file, str(hashes[name])))
-    if not to_hash:
-        return lambda: None
-    found: dict[Path, str | BaseException] = {}
-
-    def compute() -> None:
-        for file, _ in to_hash:
-            try:
-                found[file] = file_digest(file)
-            except BaseException as err:  # re-raised by check() in the caller's thread
-                found[file] = err
-
-    def check() -> None:
-        if thread is not None:
-            thread.join()
-        for file, recorded in to_hash:
-            digest = found[file]
-            if isinstance(digest, BaseException):
-                raise CheckpointError(f"cannot read {file} to verify it: {digest}") from digest
-            if digest != recorded:
+            digest = file_digest(file)
+            if digest != hashes[name]:
                 raise CheckpointError(
                     f"{file} does not have the content that was saved ({HASH_ALGORITHM} {digest[:16]}..., "
-                    f"recorded {recorded[:16]}...): the checkpoint is corrupted. "
+                    f"recorded {str(hashes[name])[:16]}...): the checkpoint is corrupted. "
                     "(--no-verify / verify=False skips this check)"
                 )
-
-    thread = None
-    if wait:
-        compute()
-        check()
-    else:
-        thread = threading.Thread(target=compute, name="calm-verify", daemon=True)
-        thread.start()
-    return check
 
 
 def _config_and_missing(path: Path):
@@ -459,15 +424,13 @@ def load_weights(
     file = path / WEIGHTS_FILE if path.is_dir() else path
     if not file.is_file():
         raise CheckpointError(f"{file} is missing")
-    finish_verify: Callable[[], None] = lambda: None  # noqa: E731
     if path.is_dir() and (path / COMPLETE_FILE).is_file():
-        finish_verify = _verify_files(path, verify, (WEIGHTS_FILE,), wait=False)  # overlaps the read
+        _verify_files(path, verify, (WEIGHTS_FILE,))
     from safetensors.torch import load_file
 
     try:
         tensors = load_file(str(file), device="cpu")
     except Exception as err:  # the Rust error types do not share a Python base class
-        finish_verify()  # a hash mismatch is the better explanation
         raise CheckpointError(f"cannot read {file} (corrupted or not a safetensors file): {err}") from err
 
     model_sd = model.state_dict()
@@ -492,10 +455,8 @@ def load_weights(
     if strict and unexpected:
         problems.append(f"unexpected key(s): {', '.join(unexpected)}")
     if problems:
-        finish_verify()
         raise CheckpointError(f"{file} does not match {type(model).__name__}: " + " | ".join(problems))
     bad = _nonfinite_tensors(tensors) if verify else []
-    finish_verify()  # the hash is checked before any value reaches the model
     if bad:
         raise CheckpointError(
             f"{file}: weight(s) {', '.join(bad[:_MAX_LISTED])}"
