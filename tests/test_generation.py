@@ -235,8 +235,9 @@ def test_low_temperature_sharpens(sampler):
     assert mode_freq(0.25) > 0.85
 
 
-def test_ar_tiny_temperature_is_greedy(ar_model):
-    out = generate(ar_model, [PROMPTS[0]], max_new_tokens=6, temperature=1e-4, seed=0, eos_id=None)[0]
+@pytest.mark.parametrize("T", [1e-4, 1e-40, 5e-324])  # 1/T overflows float32 (1e-40) and float64 (5e-324)
+def test_ar_tiny_temperature_is_greedy(ar_model, T):
+    out = generate(ar_model, [PROMPTS[0]], max_new_tokens=6, temperature=T, seed=0, eos_id=None)[0]
     seq = list(PROMPTS[0])
     with torch.no_grad():
         for _ in range(6):

@@ -34,6 +34,7 @@ class _Config:
         unknown = sorted(set(data) - names)
         if unknown:
             raise ConfigError(f"{cls.__name__}: unknown field(s) {unknown}; known: {sorted(names)}")
+        _check_types(cls, data)
         return cls(**data)
 
     def replace(self, **changes):
@@ -41,6 +42,28 @@ class _Config:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
+
+
+def _check_types(cls, data: dict[str, Any]) -> None:
+    """Refuse values of the wrong JSON type (e.g. ``"num_layers": "2"``) with the field's name.
+
+    An int is accepted for a float field; a bool is never taken for a number.
+    """
+    hints = typing.get_type_hints(cls)
+    for name, value in data.items():
+        want = hints.get(name)
+        if want is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        elif want is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif want in (bool, str, dict, list):
+            ok = isinstance(value, want)
+        else:
+            continue
+        if not ok:
+            raise ConfigError(
+                f"{cls.__name__}: field {name} must be {want.__name__}, got {value!r} ({type(value).__name__})"
+            )
 
 
 @dataclass

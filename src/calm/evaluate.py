@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from calm.brier import COLLISION_ESTIMATORS, DEFAULT_MAX_CACHE_BYTES, NGRAM, window_scores
-from calm.cli import add_official_ae_argument
+from calm.cli import add_no_verify_argument, add_official_ae_argument
 from calm.metrics import BrierAccumulator
 
 DEFAULT_BLOCK_SIZE = 256
@@ -567,6 +567,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         "scored on its own, so it bounds the context",
     )
     add_official_ae_argument(parser)
+    add_no_verify_argument(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed of the samples the estimators draw")
     parser.add_argument(
         "--batch-size",
@@ -667,9 +668,9 @@ def run_eval(args: argparse.Namespace) -> int:
     """`calm eval`: returns the exit status (bad input raises ValueError with a readable message)."""
     from calm.checkpoint import load_model
 
-    path = Path(args.model)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+    path = Path(args.model)  # its existence is load_model's to judge (it follows a save's .old-* copy)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     for p in args.data:
         if not Path(p).exists():
             from calm.data import DataError
@@ -680,7 +681,7 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = _resolve_device(args.device)
-    model = load_model(path, device=device, ae_path=args.ae)
+    model = load_model(path, device=device, ae_path=args.ae, verify=not args.no_verify)
     kind = model.config.kind
     if args.max_tokens is not None and args.max_tokens < 1:
         raise ValueError(f"--max-tokens must be >= 1, got {args.max_tokens}")

@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from calm.cli import add_official_ae_argument
+from calm.cli import add_no_verify_argument, add_official_ae_argument
 
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -80,6 +80,7 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
         "token may decode differently",
     )
     add_official_ae_argument(parser)
+    add_no_verify_argument(parser)
     parser.add_argument("--seed", type=int, default=None, help="random seed (prompt i uses seed + i)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available)")
     parser.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-text token")
@@ -93,6 +94,8 @@ def read_prompts(args) -> list[str]:
     prompts = list(args.prompt or [])
     if args.prompt_file:
         path = Path(args.prompt_file)
+        if path.is_dir():
+            raise GenerationError(f"--prompt-file {path} is a directory; give a text file with one prompt per line")
         if not path.is_file():
             raise FileNotFoundError(f"prompt file not found: {path}")
         try:
@@ -161,7 +164,7 @@ def run_generate(args) -> int:
 
     prompts = read_prompts(args)
     device = _device(args.device)
-    model = load_model(args.model, device=device, ae_path=args.ae)
+    model = load_model(args.model, device=device, ae_path=args.ae, verify=not args.no_verify)
     kind = getattr(model.config, "kind", None)
     if kind not in ("calm", "ar"):
         raise GenerationError(

@@ -747,11 +747,12 @@ def _generate_ar(model, prompts, steps, T, rng, eos, pad, stream, drop_finished,
     rows = _Rows(B, steps, steps, eos, stream, device, pad)
     uniforms = _NoiseBlocks(rng, 1, (), torch.float64)
     inv_t = 1.0 / T
+    from calm.sampling import temper_logits
 
     def sample(h: torch.Tensor, step: int) -> torch.Tensor:
         logits = model.lm_head(h).float()
         if inv_t != 1.0:
-            logits = (logits - logits.amax(-1, keepdim=True)).mul_(inv_t)
+            logits = temper_logits(logits, inv_t)  # T -> 0 is greedy, never NaN
         out = inverse_cdf_choice(logits, uniforms.get(step)).unsqueeze(1)  # [B, 1]
         timer.lap("sample")
         return out
