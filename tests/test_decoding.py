@@ -110,3 +110,25 @@ def test_draw_classes_for_a_subset_of_rows():
             first_j = next(k for k in range(10) if torch.equal(full[b, k], full[b, j]))
             assert ids[i, j].item() == first_j
     assert torch.equal(classes.chunks(ids[:, 5], rows), full[rows, 5])
+
+
+@pytest.mark.parametrize("temperature,sampler", [(0.5, "exact"), (0.4, "exact"), (0.7, "exact"), (0.5, "approx")])
+def test_lazy_draw_classes_give_the_chunks_of_full_decoding(temperature, sampler):
+    """The CPU path (draws told apart position by position) chooses exactly the chunks that
+    decoding every draw in full chooses, for the same row seeds."""
+    from calm.calm_sampler import ChunkSampler
+    from calm.rng import RowRandom
+
+    model = _calm(vocab=40, spread=0.3, seed=3)
+    h = torch.randn(5, 32)
+    outs, positions = [], []
+    for lazy in (True, False):
+        stats = type("S", (), {"draws": 0, "decoded_positions": 0, "exact_hit_limit": 0, "fused_draws": 0})()
+        s = ChunkSampler(
+            model, RowRandom(range(5)), temperature=temperature, sampler=sampler, num_candidates=48, stats=stats
+        )
+        s.lazy = lazy
+        outs.append(torch.stack([s(h, step) for step in range(3)]))
+        positions.append(stats.decoded_positions)
+    assert torch.equal(outs[0], outs[1])
+    assert positions[0] < positions[1]  # the point of it

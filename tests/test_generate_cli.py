@@ -79,7 +79,7 @@ def test_exact_sampler_and_bf16_decoding_options(checkpoints, capsys):
     base = [str(checkpoints["calm"]), "-p", "the cat", "-n", "8", "--seed", "0", "--json", "--ignore-eos"]
     for extra in (
         ["--sampler", "exact", "-t", "0.5", "--max-draws", "64"],
-        ["-t", "0.5", "--decode-dtype", "bfloat16"],
+        ["-t", "0.5", "--dtype", "bfloat16"],
     ):
         code, out, _ = _run([*base, *extra], capsys)
         assert code == 0 and json.loads(out)["new_tokens"] == [8]

@@ -70,6 +70,62 @@ class KVCache:
         self.valid = self.valid[rows]
 
 
+class StaticKVCache:
+    """Fixed-shape keys and values [B, H_kv, L, hd] per layer with a fill position per row.
+
+    Every step has the same tensor shapes and no Python state changes, so a decoding step
+    through it compiles once (``torch.compile(fullgraph=True)``, CUDA graphs) and rows may sit
+    at different lengths (a row can be reset and refilled while the others go on: continuous
+    batching). Each step attends over all L slots with a mask of the filled slots up to the
+    query's own. The caller sizes it: writing past L is an indexing error, not checked here
+    (that check would need the positions' values, i.e. a host sync).
+    """
+
+    def __init__(self, config: BackboneConfig, batch_size: int, max_len: int, device, dtype):
+        head_dim = config.d_model // config.num_heads
+        shape = (batch_size, config.kv_heads, max_len, head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
+        self.filled = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self.pos = torch.zeros(batch_size, dtype=torch.long, device=device)  # next slot of each row
+        self.slots_index = torch.arange(max_len, device=device)
+        self.rows = torch.arange(batch_size, device=device)
+        self.max_len = max_len
+        self.length = 0  # unused (rows have their own lengths); Backbone reads it for `past`
+
+    def reserve(self, n: int, valid: torch.Tensor | None) -> torch.Tensor:
+        """Slots [B, n] for n new elements of every row (marked filled unless `valid` is False)."""
+        slots = self.pos[:, None] + self.slots_index[:n]
+        self.filled[self.rows[:, None], slots] = True if valid is None else valid
+        self.pos += n
+        return slots
+
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor):
+        rows = self.rows[:, None]
+        self.keys[layer][rows, :, slots] = k.transpose(1, 2)
+        self.values[layer][rows, :, slots] = v.transpose(1, 2)
+        return self.keys[layer], self.values[layer]
+
+    def attention(self, T: int, past: int, slots: torch.Tensor | None = None) -> tuple[torch.Tensor, bool]:
+        # query t of row b (at slot slots[b, t]) sees the filled slots up to its own, and
+        # always itself (a pad query stays finite; its output is never used)
+        upto = self.slots_index[None, None, :] <= slots[:, :, None]  # [B, T, L]
+        mask = (upto & self.filled[:, None, :]) | (self.slots_index[None, None, :] == slots[:, :, None])
+        return mask[:, None], False
+
+    def reset(self, rows: torch.Tensor) -> None:
+        """Empty the given rows (a finished sequence's row can take a new one)."""
+        self.filled[rows] = False
+        self.pos[rows] = 0
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only the batch rows in `rows`."""
+        self.keys = [k[rows] for k in self.keys]
+        self.values = [v[rows] for v in self.values]
+        self.filled, self.pos = self.filled[rows], self.pos[rows]
+        self.rows = torch.arange(len(self.pos), device=self.pos.device)
+
+
 class SharedPrefixCache:
     """Continuations of Q queries that share one context cache per window, without copies.
 
@@ -186,11 +242,14 @@ class Backbone(nn.Module):
             config.d_model // config.num_heads, config.max_seq_len, config.rope_theta
         )
 
-    def new_cache(self, batch_size: int, max_len: int | None = None, device=None, dtype=None) -> KVCache:
+    def new_cache(
+        self, batch_size: int, max_len: int | None = None, device=None, dtype=None, *, static: bool = False
+    ) -> KVCache | StaticKVCache:
+        """A cache for `batch_size` rows of at most `max_len` positions (default: the context);
+        ``static=True``: a `StaticKVCache` (fixed shapes, per-row lengths)."""
         p = self.norm.weight
-        return KVCache(
-            self.config, batch_size, max_len or self.config.max_seq_len, device or p.device, dtype or p.dtype
-        )
+        cls = StaticKVCache if static else KVCache
+        return cls(self.config, batch_size, max_len or self.config.max_seq_len, device or p.device, dtype or p.dtype)
 
     def forward(
         self,
@@ -212,7 +271,9 @@ class Backbone(nn.Module):
             positions = torch.arange(past, past + T, device=x.device).expand(B, T)
         cos, sin = self.rotary(positions)
         span = cache.reserve(T, valid) if cache is not None else None
-        if cache is not None:
+        if isinstance(cache, StaticKVCache):
+            mask, causal = cache.attention(T, past, span)
+        elif cache is not None:
             mask, causal = cache.attention(T, past)
         elif valid is not None:
             mask, causal = _padding_mask(valid, 0, T), False
