@@ -508,8 +508,8 @@ def load_model(
     _verify_files(path, verify=False)  # sizes first: cheap, and names a truncated file
     from calm.models import build_model
 
-    try:
-        model = build_model(config)
+    try:  # every weight comes from the file (strict): allocate them, draw nothing
+        model = build_model(config, device="cpu", init=not strict)
     except (TypeError, ValueError) as err:  # e.g. a CALM config's nested autoencoder dict
         raise CheckpointError(f"{path / CONFIG_FILE}: invalid {config.kind} config: {err}") from err
     try:

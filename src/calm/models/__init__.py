@@ -19,6 +19,27 @@ def model_class(kind: str):
     return getattr(importlib.import_module(module), name)
 
 
-def build_model(config):
-    """Instantiate the model described by `config` (its `kind` picks the class)."""
-    return model_class(config.kind)(config)
+def build_model(config, device=None, *, init: bool = True):
+    """Instantiate the model described by `config` (its `kind` picks the class).
+
+    device: where to allocate it (default: the default device); ``"meta"`` allocates nothing
+    (materialise later with `calm.models.layers.materialize` and call ``init_weights()``).
+    init: False leaves the parameters uninitialised (allocated, not drawn): for a caller that
+    loads every weight next, e.g. from a checkpoint. Buffers (rotary tables) are computed.
+    """
+    import torch
+
+    from calm.models.layers import materialize, reset_buffers
+
+    with torch.device("meta"):
+        model = model_class(config.kind)(config)
+    device = torch.device(device) if device is not None else torch.get_default_device()
+    if device.type == "meta":
+        return model
+    materialize(model, device)
+    with torch.no_grad():
+        if init:
+            model.init_weights()
+        else:
+            reset_buffers(model)
+    return model

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from calm.config import ARConfig
-from calm.models.layers import init_weights
+from calm.models.layers import built_on_meta, init_weights
 from calm.models.transformer import Backbone, KVCache
 
 
@@ -27,20 +27,26 @@ class TokenTransformer(nn.Module):
     so the baseline is initialised exactly like the CALM backbone.
     """
 
+    @built_on_meta
     def __init__(self, config: ARConfig, *, scaled_init: bool = False):
         super().__init__()
         self.config = c = config
+        self.scaled_init = scaled_init
         self.embed = nn.Embedding(c.vocab_size, c.d_model)
         self.backbone = Backbone(c)
         self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
+        if c.tie_embeddings:
+            self.lm_head.weight = self.embed.weight  # one Parameter, so checkpoints re-tie on load
+
+    def init_weights(self) -> None:
+        """The seeded initialisation: N(0, 0.02) everywhere (see `scaled_init`), unit norms."""
+        c = self.config
         init_weights(self, std=0.02)
-        if scaled_init:
+        if self.scaled_init:
             std = 0.02 / math.sqrt(2 * c.num_layers)
             for block in self.backbone.layers:
                 nn.init.normal_(block.attn.o_proj.weight, std=std)
                 nn.init.normal_(block.mlp.down_proj.weight, std=std)
-        if c.tie_embeddings:
-            self.lm_head.weight = self.embed.weight  # one Parameter, so checkpoints re-tie on load
 
     def logits(
         self,

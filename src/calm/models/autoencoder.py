@@ -16,10 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from calm.config import AutoencoderConfig
-from calm.models.layers import ResidualMLP, RMSNorm, init_weights
+from calm.models.layers import ResidualMLP, RMSNorm, built_on_meta, init_weights
 
 
 class ChunkAutoencoder(nn.Module):
+    @built_on_meta
     def __init__(self, config: AutoencoderConfig):
         super().__init__()
         self.config = c = config
@@ -37,8 +38,11 @@ class ChunkAutoencoder(nn.Module):
         self.decoder_post = nn.ModuleList(ResidualMLP(d, c.ffn_dim, c.norm_eps) for _ in range(half))
         self.decoder_norm = RMSNorm(d, c.norm_eps)
         self.lm_head = nn.Linear(d, c.vocab_size, bias=False)
+        self.lm_head.weight = self.embed.weight  # tied: one Parameter
+
+    def init_weights(self) -> None:
+        """The seeded initialisation: N(0, 0.02) linears and embedding, zero biases, unit norms."""
         init_weights(self)
-        self.lm_head.weight = self.embed.weight  # tied (after init, so both are the one tensor)
 
     # -- coding ---------------------------------------------------------------------------
     def encode(self, chunks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

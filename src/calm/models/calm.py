@@ -19,7 +19,7 @@ from torch import nn
 from calm.config import AutoencoderConfig, CALMConfig, ConfigError
 from calm.models.autoencoder import ChunkAutoencoder
 from calm.models.energy import EnergyHead, energy_loss
-from calm.models.layers import RMSNorm, init_weights
+from calm.models.layers import RMSNorm, built_on_meta, init_weights
 from calm.models.transformer import Backbone, KVCache
 
 
@@ -66,6 +66,7 @@ class NextChunkTokenHead(nn.Module):
 class CALM(nn.Module):
     """Continuous autoregressive LM: compressed chunk inputs, Transformer backbone, energy head."""
 
+    @built_on_meta
     def __init__(self, config: CALMConfig):
         super().__init__()
         ae_config = _autoencoder_config(config)
@@ -78,7 +79,6 @@ class CALM(nn.Module):
             nn.Linear(K * d, 2 * d), nn.SiLU(), nn.Linear(2 * d, d), nn.LayerNorm(d, eps=config.norm_eps)
         )
         self.backbone = Backbone(config)
-        init_weights(self)  # embed, compress, backbone: N(0, 0.02)
         self.head = EnergyHead(
             d,
             config.latent_dim,
@@ -92,6 +92,18 @@ class CALM(nn.Module):
         self.autoencoder = ChunkAutoencoder(ae_config)
         self.autoencoder.requires_grad_(False)
         self.autoencoder.eval()
+
+    def init_weights(self) -> None:
+        """The seeded initialisation of every part (the frozen autoencoder included, until a
+        trained one is loaded into it): N(0, 0.02) for the input side and the backbone, the
+        energy head's own scheme, PyTorch's default for the auxiliary token head."""
+        for part in (self.embed, self.compress, self.backbone):
+            init_weights(part)
+        self.head.init_weights()
+        if self.token_head is not None:
+            self.token_head.proj.reset_parameters()
+            nn.init.ones_(self.token_head.norm.weight)
+        self.autoencoder.init_weights()
 
     @classmethod
     def from_autoencoder(cls, config: CALMConfig, autoencoder: ChunkAutoencoder) -> CALM:

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from calm.models.layers import built_on_meta
+
 
 class HeadBlock(nn.Module):
     """x ← x + down(SiLU(gate) ⊙ up), with (gate, up) = MLP(concat(LN(x), h'))."""
@@ -62,6 +64,7 @@ class FinalLayer(nn.Module):
 class EnergyHead(nn.Module):
     """Implicit generator of latent vectors conditioned on a hidden state (one pass per sample)."""
 
+    @built_on_meta
     def __init__(
         self,
         d_model: int,
@@ -88,6 +91,9 @@ class EnergyHead(nn.Module):
         self.atoms = nn.Embedding(noise_atoms, d_model) if noise_atoms > 0 else None
         self.blocks = nn.ModuleList(HeadBlock(d_model, eps) for _ in range(num_blocks))
         self.final_layer = FinalLayer(d_model, latent_dim, eps)
+
+    def init_weights(self) -> None:
+        """The seeded initialisation (`reset_parameters`)."""
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

@@ -267,9 +267,10 @@ class Backbone(nn.Module):
         """
         B, T, _ = x.shape
         past = cache.length if cache is not None else 0
-        if positions is None:
-            positions = torch.arange(past, past + T, device=x.device).expand(B, T)
-        cos, sin = self.rotary(positions)
+        if positions is None:  # consecutive positions: the bound is checked from the shapes
+            cos, sin = self.rotary.table(past, T)
+        else:
+            cos, sin = self.rotary(positions)
         span = cache.reserve(T, valid) if cache is not None else None
         if isinstance(cache, StaticKVCache):
             mask, causal = cache.attention(T, past, span)
