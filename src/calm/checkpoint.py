@@ -145,11 +145,32 @@ def save_checkpoint(
     """Atomically write `model` (and optionally its tokenizer and training state) to `path`.
 
     `extra_files` maps a file name to its text/bytes content, or to a path to copy.
-    `state_dict` replaces ``model.state_dict()`` (used under FSDP, where the full state dict is
-    gathered first). Returns the checkpoint path.
+    `state_dict` replaces ``model.state_dict()`` (e.g. a full state dict gathered from shards).
+    Returns the checkpoint path.
     """
     path = Path(path)
     model = _unwrap(model)
+    tmp = begin_checkpoint(path, model)
+    try:
+        write_model_files(tmp, model, tokenizer=tokenizer, train_state=train_state, extra_files=extra_files)
+        if state_dict is None:
+            from safetensors.torch import save_model
+
+            save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        else:
+            from safetensors.torch import save_file
+
+            save_file(_dedup_state_dict(state_dict), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        commit_checkpoint(tmp, path)
+    except BaseException as err:
+        abort_checkpoint(tmp, path, err)
+        raise
+    return path
+
+
+def begin_checkpoint(path: Path, model: nn.Module) -> Path:
+    """First part of an atomic save: check `path`, repair what an earlier crash left, and create
+    the hidden temporary sibling to write into (returned)."""
     config = getattr(model, "config", None)
     if config is None or not getattr(config, "kind", ""):
         raise CheckpointError(f"{type(model).__name__} has no .config with a kind; cannot write a checkpoint")
@@ -159,73 +180,82 @@ def save_checkpoint(
         )
     path.parent.mkdir(parents=True, exist_ok=True)
     _recover(path)
-
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
     tmp.mkdir()
-    try:
-        from calm import __version__
+    return tmp
 
-        meta = {
-            "format": FORMAT,
-            "kind": config.kind,
-            "config": config.to_dict(),
-            "calm_version": __version__,
-        }
-        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        if state_dict is None:
-            from safetensors.torch import save_model
 
-            save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+def write_model_files(
+    tmp: Path,
+    model: nn.Module,
+    *,
+    tokenizer=None,
+    train_state: dict[str, Any] | None = None,
+    extra_files: dict[str, str | bytes | os.PathLike] | None = None,
+) -> None:
+    """config.json, tokenizer, train_state.pt and `extra_files` of a checkpoint (not the weights)."""
+    from calm import __version__
+
+    config = _unwrap(model).config
+    meta = {"format": FORMAT, "kind": config.kind, "config": config.to_dict(), "calm_version": __version__}
+    (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    if tokenizer is not None:
+        tokenizer.save(tmp)
+    if train_state is not None:
+        torch.save(train_state, tmp / TRAIN_STATE_FILE)
+    for name, content in (extra_files or {}).items():
+        target = tmp / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, bytes):
+            target.write_bytes(content)
+        elif isinstance(content, str):
+            target.write_text(content)
         else:
-            from safetensors.torch import save_file
+            shutil.copyfile(content, target)
 
-            save_file(_dedup_state_dict(state_dict), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        if tokenizer is not None:
-            tokenizer.save(tmp)
-        if train_state is not None:
-            torch.save(train_state, tmp / TRAIN_STATE_FILE)
-        for name, content in (extra_files or {}).items():
-            target = tmp / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if isinstance(content, bytes):
-                target.write_bytes(content)
-            elif isinstance(content, str):
-                target.write_text(content)
-            else:
-                shutil.copyfile(content, target)
+
+def commit_checkpoint(tmp: Path, path: Path, records: dict[str, tuple[int, str]] | None = None) -> None:
+    """Last part of an atomic save: fsync `tmp`, write the COMPLETE marker and move it to `path`.
+
+    The marker records size and SHA-256 of model.safetensors and train_state.pt (hashed here)
+    and of the files in `records` ({name: (bytes, hex digest)}, e.g. shards other processes
+    wrote and hashed).
+    """
+    if (tmp / WEIGHTS_FILE).exists():
         # safetensors creates its file with mode 0600; give it the mode Python gave config.json
         # (0666 less the umask), like every other file of the checkpoint.
         os.chmod(tmp / WEIGHTS_FILE, (tmp / CONFIG_FILE).stat().st_mode & 0o777)
-        _fsync_tree(tmp)
-        present = [n for n in _SIZED_FILES if (tmp / n).exists()]
-        marker = {
-            "format": FORMAT,
-            "sizes": {n: (tmp / n).stat().st_size for n in present},
-            HASH_ALGORITHM: {n: file_digest(tmp / n) for n in present},
-        }
-        (tmp / COMPLETE_FILE).write_text(json.dumps(marker) + "\n")
-        _fsync_path(tmp / COMPLETE_FILE)
-        _fsync_path(tmp)
+    _fsync_tree(tmp)
+    present = [n for n in _SIZED_FILES if (tmp / n).exists()]
+    sizes = {n: (tmp / n).stat().st_size for n in present}
+    hashes = {n: file_digest(tmp / n) for n in present}
+    for name, (size, digest) in sorted((records or {}).items()):
+        sizes[name], hashes[name] = size, digest
+    marker = {"format": FORMAT, "sizes": sizes, HASH_ALGORITHM: hashes}
+    (tmp / COMPLETE_FILE).write_text(json.dumps(marker) + "\n")
+    _fsync_path(tmp / COMPLETE_FILE)
+    _fsync_path(tmp)
 
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
-            os.rename(path, old)
-            os.rename(tmp, path)
-            _fsync_path(path.parent)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, path)
+    if path.exists():
+        old = path.parent / f".{path.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
+        os.rename(path, old)
+        os.rename(tmp, path)
         _fsync_path(path.parent)
-    except BaseException as err:
-        full = isinstance(err, Exception) and is_disk_full(err, tmp if tmp.exists() else path.parent)
-        shutil.rmtree(tmp, ignore_errors=True)
-        if full:
-            kept = f"; the previous checkpoint in {path} is intact" if is_complete(path) else ""
-            raise CheckpointError(
-                f"cannot write checkpoint {path}: no space left on the device of {path.parent}{kept}"
-            ) from err
-        raise
-    return path
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, path)
+    _fsync_path(path.parent)
+
+
+def abort_checkpoint(tmp: Path, path: Path, err: BaseException) -> None:
+    """Clean up after a failed save; a full disk becomes one `CheckpointError` naming the path."""
+    full = isinstance(err, Exception) and is_disk_full(err, tmp if tmp.exists() else path.parent)
+    shutil.rmtree(tmp, ignore_errors=True)
+    if full:
+        kept = f"; the previous checkpoint in {path} is intact" if is_complete(path) else ""
+        raise CheckpointError(
+            f"cannot write checkpoint {path}: no space left on the device of {path.parent}{kept}"
+        ) from err
 
 
 # ---------------------------------------------------------------------------------------------
@@ -389,13 +419,11 @@ def load_config(path: str | os.PathLike):
 
 
 def _shared_groups(state_dict: dict[str, torch.Tensor]) -> dict[str, set[str]]:
-    """name -> all names (itself included) that are the very same tensor (tied weights)."""
-    by_key: dict[tuple, set[str]] = defaultdict(set)
+    """name -> all names (itself included) that are the very same tensor (tied weights), for a
+    ``state_dict(keep_vars=True)`` (tied names hold one Parameter object; sharded ones too)."""
+    by_key: dict[int, set[str]] = defaultdict(set)
     for name, t in state_dict.items():
-        if t.numel():
-            by_key[(t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())].add(name)
-        else:
-            by_key[("empty", name)].add(name)
+        by_key[id(t)].add(name)
     return {name: group for group in by_key.values() for name in group}
 
 
@@ -420,6 +448,20 @@ def load_weights(
     (if `verify`) its SHA-256 are checked against the COMPLETE marker first. A weight holding
     NaN or infinity is an error naming it (`verify=False` loads it anyway).
     """
+    tensors = checked_weights(model, path, strict, verify=verify)
+    model_sd = model.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for name, value in tensors.items():
+            if name in model_sd:
+                model_sd[name].copy_(value)
+    return model
+
+
+def checked_weights(
+    model: nn.Module, path: str | os.PathLike, strict: bool = True, *, verify: bool = True
+) -> dict[str, torch.Tensor]:
+    """The tensors of ``path/model.safetensors`` (CPU), checked against `model`'s names and
+    shapes as `load_weights` does, without copying them in (e.g. for a sharded model)."""
     path = Path(path)
     file = path / WEIGHTS_FILE if path.is_dir() else path
     if not file.is_file():
@@ -433,7 +475,7 @@ def load_weights(
     except Exception as err:  # the Rust error types do not share a Python base class
         raise CheckpointError(f"cannot read {file} (corrupted or not a safetensors file): {err}") from err
 
-    model_sd = model.state_dict()
+    model_sd = model.state_dict(keep_vars=True)
     groups = _shared_groups(model_sd)
     unexpected = sorted(set(tensors) - set(model_sd))
     missing = sorted(n for n in set(model_sd) - set(tensors) if not (groups.get(n, {n}) & set(tensors)))
@@ -464,11 +506,7 @@ def load_weights(
             + " hold NaN or infinite values (the run that saved them diverged, or the file is "
             "corrupted); the model would produce garbage"
         )
-    with torch.no_grad():
-        for name, value in tensors.items():
-            if name in model_sd:
-                model_sd[name].copy_(value)
-    return model
+    return tensors
 
 
 def load_model(
@@ -504,6 +542,13 @@ def load_model(
         )
 
     path = resolve_checkpoint(path)
+    if not (path / WEIGHTS_FILE).exists() and (path / "dcp" / ".metadata").is_file():
+        from calm.sharded_checkpoint import load_sharded_model  # a sharded training checkpoint
+
+        model = load_sharded_model(path, verify=verify)
+        if device is not None or dtype is not None:
+            model.to(device=device, dtype=dtype)
+        return model
     config, missing = _config_and_missing(path)
     _verify_files(path, verify=False)  # sizes first: cheap, and names a truncated file
     from calm.models import build_model

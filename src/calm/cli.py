@@ -36,6 +36,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "quickstart",
         "the whole pipeline end to end on a small default, with a report",
     ),
+    "export": (
+        "calm.sharded_checkpoint",
+        "export",
+        "write an inference checkpoint (config.json + model.safetensors) from a training checkpoint, sharded or not",
+    ),
     "convert-official": (
         "calm.official",
         "convert_official",

@@ -206,6 +206,12 @@ class TrainConfig(_Config):
     # Per-module learning-rate factors, "prefix=factor,...": parameters whose name starts with
     # prefix + "." get lr x factor (e.g. "head=3" for CALM's energy head). Empty: one lr.
     lr_scale: str = ""
+    # Recompute each Transformer block's activations in the backward pass instead of keeping
+    # them (less memory, about a third more block compute; `calm.parallelize`).
+    activation_checkpointing: bool = False
+    # Peak dense bf16 FLOP/s of one device in TFLOP/s, for the MFU shown on CUDA; 0 = known
+    # from the device's name (A100, H100 SXM, H200).
+    peak_tflops: float = 0.0
 
     @property
     def lr_scales(self) -> dict[str, float]:
@@ -231,6 +237,8 @@ class TrainConfig(_Config):
         for name in ("steps", "batch_size", "block_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1")
+        if not self.peak_tflops >= 0:
+            raise ConfigError(f"peak_tflops must be >= 0 (0: from the device's name), got {self.peak_tflops}")
 
 
 CONFIG_CLASSES = {c.kind: c for c in (AutoencoderConfig, CALMConfig, ARConfig)}

@@ -81,6 +81,7 @@ def init_distributed(device: str | torch.device | None = None) -> DistInfo:
 def destroy_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _HOST_GROUP.clear()
 
 
 def _active() -> bool:
@@ -123,6 +124,41 @@ def all_reduce_min(tensor: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum of `tensor` over all processes (a new tensor; no host read)."""
+    if not _active():
+        return tensor.clone()
+    out = tensor.detach().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
+_HOST_GROUP: list = []  # [process group] once created
+
+
+def _host_group():
+    """A Gloo group for agreeing on host values without touching the device: the default group
+    when it is Gloo already, else one created on first use (every rank gets here in step 1)."""
+    if dist.get_backend() == "gloo":
+        return None
+    if not _HOST_GROUP:
+        _HOST_GROUP.append(dist.new_group(backend="gloo"))
+    return _HOST_GROUP[0]
+
+
+def agree_max(value: int) -> int:
+    """The largest of every process's `value` (a host int), agreed without any device work.
+
+    A Gloo all-reduce of one CPU integer: it waits for the other ranks' hosts to reach the same
+    point, never for a device, so a step that calls it still queues all its GPU work ahead.
+    """
+    if not _active():
+        return value
+    t = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_host_group())
+    return int(t[0])
+
+
 def all_gather_object(obj) -> list:
     """`[obj of rank 0, obj of rank 1, ...]` (a one-element list in a single process)."""
     if not _active():
@@ -142,15 +178,26 @@ def _fsdp_units(model: nn.Module) -> list[nn.Module]:
     return list(units()) if callable(units) else []
 
 
-def wrap_model(model: nn.Module, strategy: str = "ddp", device: torch.device | None = None) -> nn.Module:
+def wrap_model(
+    model: nn.Module,
+    strategy: str = "ddp",
+    device: torch.device | None = None,
+    *,
+    mp_policy=None,
+    broadcast: bool = True,
+) -> nn.Module:
     """Wrap `model` for data parallelism; returns it unchanged in a single process.
 
     - ``"ddp"``: `DistributedDataParallel` (replicated weights, all-reduced gradients).
     - ``"fsdp"``: FSDP2 `fully_shard` on each unit of ``model.fsdp_units()`` (e.g. transformer
       blocks) and then on the root, which collects the remaining parameters. Applied in place:
       the returned object is `model` itself, whose parameters are now sharded DTensors.
+      `mp_policy`: an FSDP2 `MixedPrecisionPolicy` (`calm.parallelize.mixed_precision`).
 
-    The model must already be on its device.
+    The model must already be on its device, or (FSDP2 only) still on the meta device, to be
+    materialised shard by shard afterwards (`calm.parallelize.materialize_model`). A model that
+    exists in full on every rank is first broadcast from rank 0 (`broadcast`), so that ranks
+    that built it differently still start alike; a meta model has nothing to broadcast.
     """
     if not _active():
         return model
@@ -162,12 +209,14 @@ def wrap_model(model: nn.Module, strategy: str = "ddp", device: torch.device | N
     if strategy == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
-        with torch.no_grad():  # every rank must start from the same full weights before sharding
-            for tensor in model.state_dict().values():
-                dist.broadcast(tensor, src=0)
+        if broadcast:
+            with torch.no_grad():
+                for tensor in model.state_dict().values():
+                    dist.broadcast(tensor, src=0)
+        kwargs = {"mp_policy": mp_policy} if mp_policy is not None else {}
         for unit in _fsdp_units(model):
-            fully_shard(unit)
-        fully_shard(model)
+            fully_shard(unit, **kwargs)
+        fully_shard(model, **kwargs)
         return model
     raise ValueError(f"unknown parallel strategy {strategy!r}; expected 'ddp' or 'fsdp'")
 

@@ -309,6 +309,39 @@ def flops_report(
     return report
 
 
+# Peak dense bf16 tensor-core FLOP/s per device (vendor data sheets, without sparsity).
+PEAK_BF16_FLOPS = {"A100": 312e12, "H100 SXM": 989e12, "H200": 989e12}
+
+
+def peak_bf16_flops(device_name: str) -> float | None:
+    """Peak dense bf16 FLOP/s for a CUDA device name (``torch.cuda.get_device_name()``), or None.
+
+    Known: A100 (any form), H100 SXM (reported as "H100 80GB HBM3" or "H100 SXM..."), H200.
+    The H100 PCIe and NVL variants are slower and not guessed: pass ``--peak-tflops``.
+    """
+    name = device_name.upper()
+    if "H200" in name:
+        return PEAK_BF16_FLOPS["H200"]
+    if "H100" in name:
+        return PEAK_BF16_FLOPS["H100 SXM"] if ("SXM" in name or "HBM3" in name) else None
+    if "A100" in name:
+        return PEAK_BF16_FLOPS["A100"]
+    return None
+
+
+def peak_flops(device, peak_tflops: float = 0.0) -> float | None:
+    """Peak FLOP/s of one training device for MFU: ``peak_tflops`` × 1e12 if given, else
+    `peak_bf16_flops` of the CUDA device's name; None off CUDA (no MFU on CPUs)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    if peak_tflops > 0:
+        return peak_tflops * 1e12
+    return peak_bf16_flops(torch.cuda.get_device_name(device))
+
+
 def predicted_speed_ratio(
     calm_cfg: CALMConfig,
     ar_cfg: ARConfig,

@@ -45,6 +45,7 @@ from torch import nn
 
 from calm.checkpoint import (
     CheckpointError,
+    checked_weights,
     is_complete,
     load_train_state,
     load_weights,
@@ -54,15 +55,22 @@ from calm.checkpoint import (
 from calm.config import ConfigError, TrainConfig
 from calm.distributed import (
     DistInfo,
+    agree_max,
     all_gather_object,
-    all_reduce_min,
+    all_reduce_sum,
     barrier,
-    gradient_sync,
     init_distributed,
-    is_fsdp,
     wrap_model,
 )
 from calm.filesystem import RunDirectoryInUse, RunDirectoryLock
+from calm.flops import peak_flops
+from calm.parallelize import (
+    apply_activation_checkpointing,
+    compile_blocks,
+    materialize_model,
+    mixed_precision,
+)
+from calm.train_step import DeviceSchedule, IntervalStats, StepRunner, init_optimizer_state
 
 KILL_AT_STEP_ENV = "CALM_TEST_KILL_AT_STEP"
 METRICS_FILE = "metrics.jsonl"
@@ -185,15 +193,12 @@ def param_groups(
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device | None = None):
+    """AdamW over `param_groups`, fused (one kernel per step on CPU and CUDA; it also takes the
+    ``found_inf`` flag that skips a non-finite step on the device, `calm.train_step`)."""
     groups = param_groups(model, cfg.weight_decay, cfg.lr, cfg.lr_scales)
     if not groups:
         raise TrainingError(f"{type(model).__name__} has no trainable parameters")
-    kwargs = {"fused": True} if device is not None and device.type == "cuda" else {}
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **kwargs)
-
-
-def build_scheduler(optimizer, cfg: TrainConfig):
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, cfg))
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
 
 
 def autocast_context(device: torch.device, dtype: str):
@@ -305,16 +310,13 @@ def _loss_callable(wrapped: nn.Module, raw: nn.Module) -> Callable:
     return raw.loss
 
 
-def _scalar(v) -> float:
-    return float(v.detach().float().mean()) if torch.is_tensor(v) else float(v)
-
-
 def _json_value(v):
     return v if not isinstance(v, float) or math.isfinite(v) else None
 
 
 class _Averager:
-    """Running sums of scalars (kept as tensors: no device sync until `means`)."""
+    """Weighted running sums of scalars for evaluation (kept as tensors: no host read until
+    `_global_means`)."""
 
     def __init__(self):
         self.sums: dict[str, Any] = {}
@@ -325,13 +327,6 @@ class _Averager:
             v = v.detach().float().mean() if torch.is_tensor(v) else float(v)
             self.sums[k] = self.sums.get(k, 0.0) + v * weight
         self.count += weight
-
-    def lazy_means(self) -> dict[str, Any]:
-        """Means as tensors (no device sync)."""
-        return {k: v / self.count for k, v in self.sums.items()} if self.count else {}
-
-    def means(self) -> dict[str, float]:
-        return {k: _scalar(v) for k, v in self.lazy_means().items()}
 
 
 def _say(msg: str) -> None:
@@ -353,8 +348,15 @@ def train(
     strategy: str = "ddp",
     quiet: bool = False,
     keep_checkpoints: bool = False,
+    initial_weights: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Train `model` for ``cfg.steps`` optimizer steps; checkpoints and logs go to `out_dir`.
+
+    model: built as usual, or on the meta device (``with torch.device("meta")`` or
+        ``build_model(config, "meta")``): it is then materialised on the device (under FSDP2 each
+        rank allocates only its shards) and initialised by its ``init_weights()`` from
+        ``cfg.seed``, which gives the weights eager construction after
+        ``torch.manual_seed(cfg.seed)`` gives.
 
     data: a `calm prepare` directory or any `DataSource`.
     tokenizer: saved into every checkpoint so one directory is enough to use the model.
@@ -365,6 +367,11 @@ def train(
     device: ``None``/"auto" picks this rank's GPU, else CPU. Under torchrun, the process group is
         joined here and the model wrapped with `strategy` ("ddp" or "fsdp").
     keep_checkpoints: also keep ``out_dir/checkpoint-<step>`` for every save.
+    initial_weights: full tensors by state-dict name copied into the model after it is
+        initialised, on a fresh run (e.g. CALM's trained autoencoder, ``autoencoder.*``).
+
+    Under FSDP2 checkpoints are sharded (`calm.sharded_checkpoint`); the one of the last step
+    also holds the consolidated model.safetensors.
 
     Returns a summary dict (final step, last train/val losses, tokens, time, checkpoint path).
     Raises `TrainingInterrupted` after saving when SIGINT/SIGTERM stopped the run early, and
@@ -395,7 +402,7 @@ def train(
             return _train(
                 model, cfg, data, Path(out_dir), info, stop,
                 tokenizer=tokenizer, resume=resume, eval_fn=eval_fn, strategy=strategy,
-                quiet=quiet, keep_checkpoints=keep_checkpoints,
+                quiet=quiet, keep_checkpoints=keep_checkpoints, initial_weights=initial_weights,
             )  # fmt: skip
     finally:
         lock.release()
@@ -415,8 +422,11 @@ def _train(
     strategy: str,
     quiet: bool,
     keep_checkpoints: bool,
+    initial_weights: dict[str, torch.Tensor] | None,
 ) -> dict[str, Any]:
     """The body of `train`, run with the run directory locked and the stop handlers installed."""
+    from calm.sharded_checkpoint import is_sharded, load_sharded, save_sharded
+
     device, main = info.device, info.is_main
     ckpt_path = out_dir / CHECKPOINT_NAME
     metrics_path = out_dir / METRICS_FILE
@@ -424,44 +434,52 @@ def _train(
     raw = model
 
     # -- state: fresh or resumed ------------------------------------------------------------
-    state = None
+    state, found = None, None
     if resume:
         found = resolve_checkpoint(ckpt_path)
         state = load_train_state(found)
-        load_weights(raw, found)
     elif is_complete(ckpt_path):
         raise CheckpointError(
             f"{out_dir} already holds a checkpoint; pass --resume to continue it, "
             "or choose another output directory"
         )
+
+    # -- the model on its device(s): checkpointing, compile, FSDP2, meta materialisation -------
+    wrapped, sharded, mp_policy = _prepare_model(raw, cfg, info, strategy)
+    if resume and not is_sharded(found):
+        _load_full_weights(raw, found, sharded)
+    elif not resume and initial_weights:
+        _load_initial_weights(raw, initial_weights)
+    raw.train()
+    optimizer = build_optimizer(raw, cfg, device)
+    schedule = DeviceSchedule(optimizer, cfg, device)
+    loss_call = _loss_callable(wrapped, raw)
+    if cfg.compile and not sharded:  # the whole loss, forward and backward, as one graph
+        loss_call = torch.compile(loss_call, fullgraph=True)
+    params = [p for p in raw.parameters() if p.requires_grad]
+    amp = contextlib.nullcontext() if mp_policy is not None else autocast_context(device, cfg.dtype)
+    runner = StepRunner(wrapped, loss_call, optimizer, schedule, params, cfg, device, amp)
     seed_everything(cfg.seed + 1000 * info.rank)  # replaced by the saved RNG state when resuming
 
-    raw.to(device)
-    raw.train()
-    if cfg.compile:
-        if type(raw).forward is nn.Module.forward:
-            raw.loss = torch.compile(raw.loss)
-        else:
-            raw.compile()
-    wrapped = wrap_model(raw, strategy, device)
-    optimizer = build_optimizer(raw, cfg, device)
-    scheduler = build_scheduler(optimizer, cfg)
-    loss_call = _loss_callable(wrapped, raw)
-    params = [p for p in raw.parameters() if p.requires_grad]
-
-    start_step, history, elapsed_before, bad_steps = 0, [], 0.0, 0
+    start_step, history, elapsed_before = 0, [], 0.0
     if state is not None:
-        if is_fsdp(raw):
+        if is_sharded(found):  # every rank reads its own part of the weights and optimizer state
+            init_optimizer_state(optimizer)
+            load_sharded(found, raw, optimizer)
+        elif sharded:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
+            init_optimizer_state(optimizer)
             set_optimizer_state_dict(
                 raw, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True)
             )
         else:
             optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        schedule.install()  # the loaded groups carry the saved lr; the schedule owns it
+        schedule.load_state_dict(state["scheduler"])
+        runner.set_streak(int(state.get("bad_steps", 0)))
         start_step, history = int(state["step"]), list(state.get("metrics", []))
-        elapsed_before, bad_steps = float(state.get("elapsed_s", 0.0)), int(state.get("bad_steps", 0))
+        elapsed_before = float(state.get("elapsed_s", 0.0))
         rngs = state.get("rng") or []
         if len(rngs) == info.world_size:
             restore_rng_state(rngs[info.rank])
@@ -489,9 +507,9 @@ def _train(
         )
 
     tokens_per_step = cfg.batch_size * cfg.block_size
-    amp = autocast_context(device, cfg.dtype)
+    flops_per_token, peak = _train_flops_per_token(raw.config, cfg), peak_flops(device, cfg.peak_tflops)
     kill_at = int(os.environ.get(KILL_AT_STEP_ENV, "0") or 0)
-    interval, last_train, last_val, skipped = _Averager(), {}, {}, 0
+    last_train, last_val = {}, {}
     t_start = t_interval = time.perf_counter()
     interval_tokens, paused = 0, 0.0
 
@@ -528,43 +546,31 @@ def _train(
 
     def save(step: int, announce: str | None = None) -> None:
         rngs = all_gather_object(capture_rng_state())
-        full_sd = None
-        if is_fsdp(raw):
-            from torch.distributed.checkpoint.state_dict import (
-                StateDictOptions,
-                get_model_state_dict,
-                get_optimizer_state_dict,
-            )
-
-            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            full_sd = get_model_state_dict(raw, options=opts)
-            optim_sd = get_optimizer_state_dict(raw, optimizer, options=opts)
-        else:
-            optim_sd = optimizer.state_dict()
-        if main:
-            train_state = {
-                "step": step,
-                "optimizer": optim_sd,
-                "scheduler": scheduler.state_dict(),
-                "rng": rngs,
-                "train_config": cfg.to_dict(),
-                "metrics": history,
-                "elapsed_s": elapsed(),
-                "bad_steps": bad_steps,
-                "world_size": info.world_size,
-            }
-            extra = {TRAIN_CONFIG_FILE: cfg.to_json() + "\n"}
-            for path in [ckpt_path] + ([out_dir / f"{CHECKPOINT_NAME}-{step}"] if keep_checkpoints else []):
+        train_state = {
+            "step": step,
+            "scheduler": schedule.state_dict(),
+            "rng": rngs,
+            "train_config": cfg.to_dict(),
+            "metrics": history,
+            "elapsed_s": elapsed(),
+            "bad_steps": runner.streak(),
+            "world_size": info.world_size,
+        }
+        extra = {TRAIN_CONFIG_FILE: cfg.to_json() + "\n"}
+        paths = [ckpt_path] + ([out_dir / f"{CHECKPOINT_NAME}-{step}"] if keep_checkpoints else [])
+        for path in paths:
+            if sharded:  # each rank writes its shards; the last one is also consolidated
+                save_sharded(
+                    path, raw, optimizer, train_state=train_state, tokenizer=tokenizer,
+                    extra_files=extra, consolidate=step == cfg.steps,
+                )  # fmt: skip
+            elif main:
                 save_checkpoint(
-                    path,
-                    raw,
-                    tokenizer=tokenizer,
-                    train_state=train_state,
+                    path, raw, tokenizer=tokenizer, train_state={**train_state, "optimizer": optimizer.state_dict()},
                     extra_files=extra,
-                    state_dict=full_sd,
-                )
-            if announce:  # before the barrier: the line is out before any rank exits
-                _say(announce)
+                )  # fmt: skip
+        if announce and main:  # before the barrier: the line is out before any rank exits
+            _say(announce)
         barrier()
 
     from tqdm import tqdm
@@ -584,67 +590,38 @@ def _train(
             batch = data.train_batch(
                 step, cfg.batch_size, cfg.block_size, cfg.seed, info.rank, info.world_size
             )
-            batch = batch.to(device, non_blocking=True)
-            step_avg, finite = _Averager(), torch.ones((), device=device)
-            for i, tokens in enumerate(batch.split(micro)):
-                with gradient_sync(wrapped, i == cfg.grad_accum - 1), amp:
-                    loss, metrics = loss_call(tokens)
-                (loss / cfg.grad_accum).backward()
-                finite = finite * torch.isfinite(loss.detach()).float()
-                step_avg.add({**metrics, "loss": loss})
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-            )
-            if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
-                grad_norm = grad_norm.full_tensor()
-            finite = finite * torch.isfinite(grad_norm).float()
-            lr = optimizer.param_groups[0]["lr"]
-            # Every rank agrees to step or to skip, and whether to stop after this step: one MIN
-            # all-reduce of [finite, -signal number] and one host read, as for the finite flag alone.
-            agreed = all_reduce_min(torch.stack([finite, finite.new_full((), -float(stop.signum))]))
-            all_finite, stop_signum = agreed.tolist()
-            stopping = int(-stop_signum)
-            if all_finite > 0:
-                optimizer.step()
-                scheduler.step()
-                bad_steps = 0
-                interval.add({**step_avg.lazy_means(), "grad_norm": grad_norm})
-            else:
-                bad_steps += 1
-                skipped += 1
-                if main:
-                    _say(
-                        f"warning: non-finite loss or gradient at step {step + 1}; update skipped "
-                        f"({bad_steps} in a row, limit {cfg.max_bad_steps})"
-                    )
-                if bad_steps >= cfg.max_bad_steps:
-                    raise TrainingError(
-                        f"{bad_steps} consecutive steps with a non-finite loss or gradient (last at step "
-                        f"{step + 1}); aborting. Try a lower learning rate, a smaller grad_clip, or "
-                        f"dtype=fp32. The last good checkpoint is in {ckpt_path}"
-                    )
-            optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                batch = batch.pin_memory()  # an asynchronous copy needs page-locked memory
+            runner.run(step, batch.to(device, non_blocking=True))  # queued: nothing is read back
+            # Whether any rank was asked to stop: a host-only agreement (Gloo), no device wait.
+            stopping = agree_max(stop.signum)
             done = step + 1
             interval_tokens += tokens_per_step
             bar.update(1)
 
             if done % cfg.log_every == 0 or done == cfg.steps:
+                stats = runner.read()  # the one host read of the interval
                 now = time.perf_counter()
-                means = _global_means(interval)
+                _check_skipped(stats, done, cfg, ckpt_path, main)
+                tokens_per_s = interval_tokens / max(now - t_interval - paused, 1e-9)
                 last_train = {
                     "split": "train",
                     "step": done,
-                    **means,
-                    "lr": lr,
+                    **stats.means,
+                    "lr": stats.lr,
                     "tokens": done * tokens_per_step,
-                    "tokens_per_s": interval_tokens / max(now - t_interval - paused, 1e-9),
+                    "tokens_per_s": tokens_per_s,
                     "elapsed_s": elapsed(),
-                    "skipped": skipped,
+                    "skipped": stats.skipped,
                 }
+                postfix = {"tok_s": f"{tokens_per_s:.3g}"}
+                if flops_per_token and peak:
+                    last_train["mfu"] = flops_per_token * tokens_per_s / (peak * info.world_size)
+                    postfix["mfu"] = f"{100 * last_train['mfu']:.1f}%"
                 log(last_train)
-                if "loss" in means:
-                    bar.set_postfix(loss=f"{means['loss']:.4g}", tok_s=f"{last_train['tokens_per_s']:.3g}")
-                interval, skipped, interval_tokens, t_interval, paused = _Averager(), 0, 0, now, 0.0
+                if "loss" in stats.means:
+                    bar.set_postfix(loss=f"{stats.means['loss']:.4g}", **postfix)
+                interval_tokens, t_interval, paused = 0, now, 0.0
             t_pause = time.perf_counter()  # evaluation and saving do not count towards tokens/s
             if cfg.eval_every > 0 and (done % cfg.eval_every == 0 or done == cfg.steps):
                 last_val = evaluate(done)
@@ -682,33 +659,87 @@ def _train(
     }
 
 
+def _check_skipped(stats: IntervalStats, done: int, cfg: TrainConfig, ckpt_path: Path, main: bool) -> None:
+    """Report the interval's skipped updates; abort after `max_bad_steps` in a row.
+
+    The device skips a non-finite step at once; the host learns of it here, at the next log
+    line, so with ``log_every`` > ``max_bad_steps`` the abort comes up to ``log_every`` steps
+    late (those steps were skipped too: the weights are those of the last good step).
+    """
+    if stats.skipped and main:
+        _say(
+            f"warning: non-finite loss or gradient in {stats.skipped} of the last "
+            f"{stats.applied + stats.skipped} step(s) (last at step {stats.last_bad_step}); "
+            f"their updates were skipped ({stats.streak} in a row now, limit {cfg.max_bad_steps})"
+        )
+    if stats.max_streak >= cfg.max_bad_steps:
+        raise TrainingError(
+            f"{stats.max_streak} consecutive steps with a non-finite loss or gradient (last at step "
+            f"{stats.last_bad_step}); aborting at step {done}. Try a lower learning rate, a smaller "
+            f"grad_clip, or dtype=fp32. The last good checkpoint is in {ckpt_path}"
+        )
+
+
+def _prepare_model(raw: nn.Module, cfg: TrainConfig, info: DistInfo, strategy: str):
+    """Apply activation checkpointing, per-block compile (FSDP2), FSDP2/DDP and materialise a
+    meta-device model (`calm.parallelize`). Returns (wrapped model, sharded?, FSDP2 MP policy)."""
+    device = info.device
+    meta = any(p.is_meta for p in raw.parameters())
+    sharded = strategy == "fsdp" and info.world_size > 1
+    if cfg.activation_checkpointing and not apply_activation_checkpointing(raw) and info.is_main:
+        _say(f"note: {type(raw).__name__} has no Transformer blocks; activation_checkpointing does nothing")
+    if cfg.compile and sharded:
+        compile_blocks(raw)
+    if meta and not sharded:
+        materialize_model(raw, device, cfg.seed)
+    elif not meta:
+        raw.to(device)
+    mp_policy = mixed_precision(device, cfg.dtype) if sharded else None
+    wrapped = wrap_model(raw, strategy, device, mp_policy=mp_policy, broadcast=not meta)
+    if meta and sharded:  # sharded first: each rank allocates only its own part
+        materialize_model(raw, device, cfg.seed)
+    return wrapped, sharded, mp_policy
+
+
+def _load_initial_weights(raw: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Copy full tensors (e.g. CALM's trained autoencoder) into the materialised model."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    unknown = sorted(set(weights) - set(raw.state_dict()))
+    if unknown:
+        raise TrainingError(f"initial weights name no parameter of {type(raw).__name__}: {unknown[:4]}")
+    set_model_state_dict(raw, weights, options=StateDictOptions(full_state_dict=True, strict=False))
+
+
+def _load_full_weights(raw: nn.Module, found: Path, sharded: bool) -> None:
+    """The model.safetensors of checkpoint `found` into the model (sharded or not)."""
+    if not sharded:
+        load_weights(raw, found)
+        return
+    _load_initial_weights(raw, checked_weights(raw, found))
+
+
+def _train_flops_per_token(config, cfg: TrainConfig) -> float | None:
+    """Training FLOPs per text token (`calm.flops`, at the training window), None if not known."""
+    from calm.flops import flops_report
+
+    try:
+        context = cfg.block_size // getattr(config, "chunk_size", 1)
+        return flops_report(config, context=context)["train_flops_per_token"]
+    except (ConfigError, AttributeError, TypeError):
+        return None
+
+
 def _global_means(avg: _Averager) -> dict[str, float]:
-    """Means of an averager's scalars over the interval and over all ranks (one all-reduce)."""
-    import torch.distributed as dist
-
+    """Means of an averager's scalars over all ranks: one all-reduce and one host read."""
     keys = sorted(avg.sums)
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return avg.means()
-    vec = torch.stack(
-        [torch.as_tensor(avg.sums[k]).detach().double().cpu().reshape(()) for k in keys]
-        + [torch.tensor(float(avg.count), dtype=torch.float64)]
-    )
-    dev = (
-        torch.device("cuda", torch.cuda.current_device())
-        if dist.get_backend() == "nccl"
-        else torch.device("cpu")
-    )
-    vec = _all_reduce_sum(vec.to(dev)).cpu()
-    count = float(vec[-1])
-    return {k: float(vec[i]) / count for i, k in enumerate(keys)} if count else {}
-
-
-def _all_reduce_sum(vec: torch.Tensor) -> torch.Tensor:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(vec, op=dist.ReduceOp.SUM)
-    return vec
+    if not keys:
+        return {}
+    device = next((v.device for v in avg.sums.values() if torch.is_tensor(v)), torch.device("cpu"))
+    vec = torch.stack([torch.as_tensor(avg.sums[k], device=device).detach().double().reshape(()) for k in keys])
+    count = torch.full((1,), float(avg.count), dtype=torch.float64, device=device)
+    host = all_reduce_sum(torch.cat([vec, count])).tolist()
+    return {k: host[i] / host[-1] for i, k in enumerate(keys)} if host[-1] else {}
 
 
 def _rewrite_metrics(path: Path, records: list[dict[str, Any]]) -> None:
@@ -890,8 +921,12 @@ def check_same_tokenizer(trained_with, data_tok, what: str, whose: str, data_dir
         )
 
 
-def _run(args, kind: str, build) -> int:
-    """Shared body of the two commands: configs, model, train, summary."""
+def _run(args, kind: str, build, initial_weights=None) -> int:
+    """Shared body of the two commands: configs, model, train, summary.
+
+    The model is built on the meta device: `train` materialises it (under FSDP2, shard by shard)
+    and initialises it from ``cfg.seed``, then copies `initial_weights` in (CALM: its autoencoder).
+    """
     from calm.checkpoint import load_tokenizer
     from calm.models import build_model
 
@@ -912,8 +947,8 @@ def _run(args, kind: str, build) -> int:
     else:
         model_cfg, cfg = _fresh_configs(args, kind, tok)
     _check_lengths(model_cfg, cfg)
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model = build(model_cfg)
+    with torch.device("meta"):  # nothing allocated yet; the same initial weights on every rank
+        model = build(model_cfg)
     eval_fn = None
     brier_tokens = getattr(args, "brier_tokens", 0)
     if kind in ("ar", "calm") and brier_tokens > 0:
@@ -937,6 +972,7 @@ def _run(args, kind: str, build) -> int:
             strategy=args.strategy,
             quiet=args.quiet,
             keep_checkpoints=args.keep_checkpoints,
+            initial_weights=initial_weights,
         )
     except TrainingInterrupted:
         from calm.distributed import destroy_distributed
@@ -1026,13 +1062,16 @@ def run_train(args) -> int:
         getattr(ae, "tokenizer", None), data_tok, f"the autoencoder in {args.ae}", "the autoencoder's", args.data
     )
 
-    def build(config):
+    def build(config):  # on the meta device: the trained autoencoder is copied in by `train`
+        from calm.models.calm import CALM
+
         config = config.replace(
             vocab_size=ae.config.vocab_size,
             chunk_size=ae.config.chunk_size,
             latent_dim=ae.config.latent_dim,
             autoencoder=ae.config.to_dict(),
         )
-        return build_calm_from_autoencoder(config, ae)
+        return CALM(config)
 
-    return _run(args, "calm", build)
+    trained_ae = {f"autoencoder.{k}": v for k, v in ae.state_dict().items()}
+    return _run(args, "calm", build, initial_weights=trained_ae)
