@@ -54,15 +54,16 @@ def apply_activation_checkpointing(model: nn.Module) -> int:
     return len(blocks)
 
 
-def compile_blocks(model: nn.Module) -> int:
+def compile_blocks(model: nn.Module, **compile_options) -> int:
     """torch.compile(fullgraph=True) each Transformer block's forward in place; returns the count.
 
     The block's module hooks (FSDP2's all-gather and reduce-scatter) stay outside the graph,
     and parameter names do not change (no ``_orig_mod`` wrapper in the checkpoint).
+    `compile_options` go to `torch.compile` (e.g. ``backend``).
     """
     blocks = transformer_blocks(model)
     for block in blocks:
-        block.forward = torch.compile(block.forward, fullgraph=True)
+        block.forward = torch.compile(block.forward, fullgraph=True, **compile_options)
     return len(blocks)
 
 

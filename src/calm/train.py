@@ -454,8 +454,11 @@ def _train(
     optimizer = build_optimizer(raw, cfg, device)
     schedule = DeviceSchedule(optimizer, cfg, device)
     loss_call = _loss_callable(wrapped, raw)
-    if cfg.compile and not sharded:  # the whole loss, forward and backward, as one graph
-        loss_call = torch.compile(loss_call, fullgraph=True)
+    if cfg.compile and not sharded:
+        # The whole loss, forward and backward, as one graph. Under DDP the wrapper is compiled
+        # (its own Python is not graph-clean under fullgraph, the model inside is): TorchDynamo's
+        # DDPOptimizer then splits the backward at gradient buckets, so all-reduces overlap it.
+        loss_call = torch.compile(loss_call, fullgraph=wrapped is raw)
     params = [p for p in raw.parameters() if p.requires_grad]
     amp = contextlib.nullcontext() if mp_policy is not None else autocast_context(device, cfg.dtype)
     runner = StepRunner(wrapped, loss_call, optimizer, schedule, params, cfg, device, amp)
@@ -805,9 +808,29 @@ def _add_common_arguments(parser, default_preset: str, presets_help: str) -> Non
     parser.add_argument(
         "--device", default="auto", help="auto (this rank's GPU, else CPU), cpu, cuda, cuda:1, ..."
     )
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model's loss")
     parser.add_argument(
-        "--strategy", choices=("ddp", "fsdp"), default="ddp", help="data parallelism under torchrun"
+        "--compile",
+        action="store_true",
+        help="torch.compile(fullgraph=True): in one process or under DDP the whole loss, forward and "
+        "backward, as one graph (the largest scope for fusion; the models have no graph break; under DDP "
+        "the backward is split at gradient buckets so all-reduces overlap it); under "
+        "--strategy fsdp each Transformer block on its own, as torchtitan does, so that FSDP2's per-block "
+        "all-gathers and reduce-scatters stay outside the graphs and overlap with compute. The first "
+        "steps are slow (compilation, minutes on a small CPU)",
+    )
+    parser.add_argument(
+        "--strategy",
+        choices=("ddp", "fsdp"),
+        default="ddp",
+        help="data parallelism under torchrun: ddp (replicas), or fsdp (FSDP2: parameters, gradients and "
+        "optimizer state sharded; bf16 mixed precision on CUDA; sharded DCP checkpoints, see `calm export`)",
+    )
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        metavar="T",
+        help="peak dense bf16 TFLOP/s of one GPU, for the MFU in the progress bar and metrics.jsonl "
+        "(default: known for A100, H100 SXM and H200 from the device name)",
     )
     parser.add_argument("--keep-checkpoints", action="store_true", help="also keep RUN_DIR/checkpoint-<step>")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or evaluation lines")
@@ -822,6 +845,8 @@ def _train_config(args, train_overrides: list[str], base: TrainConfig | None = N
     cfg = cfg.replace(**{k: v for k, v in flags.items() if v is not None})
     if args.compile:
         cfg = cfg.replace(compile=True)
+    if getattr(args, "peak_tflops", None) is not None:
+        cfg = cfg.replace(peak_tflops=args.peak_tflops)
     return cfg
 
 
