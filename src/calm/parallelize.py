@@ -43,13 +43,17 @@ def apply_activation_checkpointing(model: nn.Module) -> int:
     """Recompute each Transformer block's activations in the backward pass; returns the count.
 
     Non-reentrant `torch.utils.checkpoint` around the block's forward (names and checkpoints
-    unchanged; it composes with torch.compile and FSDP2). The blocks draw no random numbers,
-    so the RNG state need not be saved for the recomputation.
+    unchanged; it composes with torch.compile and FSDP2), only while gradients are recorded:
+    evaluation and decoding (KV caches) run the plain forward. The blocks draw no random
+    numbers, so the RNG state need not be saved for the recomputation.
     """
     blocks = transformer_blocks(model)
     for block in blocks:
-        block.forward = functools.partial(
-            torch.utils.checkpoint.checkpoint, block.forward, use_reentrant=False, preserve_rng_state=False
+        block.forward = _when_training(
+            functools.partial(
+                torch.utils.checkpoint.checkpoint, block.forward, use_reentrant=False, preserve_rng_state=False
+            ),
+            block.forward,
         )
     return len(blocks)
 
@@ -58,13 +62,26 @@ def compile_blocks(model: nn.Module, **compile_options) -> int:
     """torch.compile(fullgraph=True) each Transformer block's forward in place; returns the count.
 
     The block's module hooks (FSDP2's all-gather and reduce-scatter) stay outside the graph,
-    and parameter names do not change (no ``_orig_mod`` wrapper in the checkpoint).
+    and parameter names do not change (no ``_orig_mod`` wrapper in the checkpoint). Only the
+    training calls (gradients recorded) use the compiled graph; evaluation and decoding with a
+    KV cache (other shapes and Python state every step) run the block as it was.
     `compile_options` go to `torch.compile` (e.g. ``backend``).
     """
     blocks = transformer_blocks(model)
     for block in blocks:
-        block.forward = torch.compile(block.forward, fullgraph=True, **compile_options)
+        block.forward = _when_training(torch.compile(block.forward, fullgraph=True, **compile_options), block.forward)
     return len(blocks)
+
+
+def _when_training(training_forward, plain_forward):
+    """A forward that is `training_forward` while gradients are recorded, else `plain_forward`."""
+
+    def forward(*args, **kwargs):
+        if torch.is_grad_enabled():
+            return training_forward(*args, **kwargs)
+        return plain_forward(*args, **kwargs)
+
+    return forward
 
 
 def mixed_precision(device: torch.device, dtype: str):
