@@ -148,3 +148,26 @@ def materialize_model(model: nn.Module, device: torch.device, seed: int) -> None
     materialize(model, device)
     torch.manual_seed(seed)
     sharded_init(model.init_weights)
+
+
+def prepare_model(raw: nn.Module, cfg, info, strategy: str):
+    """The training loop's preparation of `raw` for its job (the module docstring's order):
+    activation checkpointing, per-block compile under FSDP2, FSDP2/DDP, and materialising a
+    meta-device model. Returns (wrapped model, sharded?, FSDP2 MP policy, checkpointed blocks)."""
+    from calm.distributed import wrap_model
+
+    device = info.device
+    meta = any(p.is_meta for p in raw.parameters())
+    sharded = strategy == "fsdp" and info.world_size > 1
+    checkpointed = apply_activation_checkpointing(raw) if cfg.activation_checkpointing else 0
+    if cfg.compile and sharded:
+        compile_blocks(raw)
+    if meta and not sharded:
+        materialize_model(raw, device, cfg.seed)
+    elif not meta:
+        raw.to(device)
+    mp_policy = mixed_precision(device, cfg.dtype) if sharded else None
+    wrapped = wrap_model(raw, strategy, device, mp_policy=mp_policy, broadcast=not meta)
+    if meta and sharded:  # sharded first: each rank allocates only its own part
+        materialize_model(raw, device, cfg.seed)
+    return wrapped, sharded, mp_policy, checkpointed

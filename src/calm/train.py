@@ -3,7 +3,10 @@
 The loop only knows that a model is an ``nn.Module`` with ``.config`` whose ``forward(tokens)``
 returns ``(loss, metrics)`` (the same as its ``loss(tokens)``): it calls ``model(tokens)`` so
 that a DDP/FSDP wrapper's hooks run. Everything else (optimizer groups, schedule, clipping,
-accumulation, evaluation, logging, checkpoints, resume) lives here, in one readable function.
+accumulation, evaluation, logging, checkpoints, resume) lives here, in one readable function;
+the step itself is `calm.train_step.StepRunner`, which queues it on the device and reads nothing
+back (non-finite steps are skipped on the device, metrics accumulate there): the host reads
+device values only at log, evaluation and save points.
 
 Determinism: the batch of step ``s`` is a pure function of ``(seed, s)`` (`calm.data`), every
 random draw of a model comes from torch's global RNG, and checkpoints carry the optimizer,
@@ -12,9 +15,10 @@ scheduler and RNG states, so a resumed run continues bit for bit (on CPU) where 
 Stopping: SIGINT (Ctrl-C) or SIGTERM lets the step in progress finish, saves a checkpoint of it,
 and raises `TrainingInterrupted` (the CLI exits 130 / 143, after a line saying where the
 checkpoint is); a second signal of the same kind stops at once without saving. Under torchrun
-the ranks agree on the step to stop after: the stop request rides on the all-reduce that
-already decides, once per step, whether every rank's loss and gradient are finite, so it costs
-no extra collective and no extra host sync.
+the ranks agree on the step to stop after: once per step, after the step's device work is
+queued, a MAX all-reduce of the signal number on a Gloo group (`calm.distributed.agree_max`, a
+CPU integer: it waits for the other ranks' hosts, never for a device), so every rank stops after
+the step during which any rank got the signal.
 
 One writer per run directory: `train` holds an exclusive lock on ``out_dir/.lock``
 (`calm.filesystem.RunDirectoryLock`) from before it reads a checkpoint until it returns.
@@ -60,16 +64,10 @@ from calm.distributed import (
     all_reduce_sum,
     barrier,
     init_distributed,
-    wrap_model,
 )
 from calm.filesystem import RunDirectoryInUse, RunDirectoryLock
 from calm.flops import peak_flops
-from calm.parallelize import (
-    apply_activation_checkpointing,
-    compile_blocks,
-    materialize_model,
-    mixed_precision,
-)
+from calm.parallelize import prepare_model
 from calm.train_step import DeviceSchedule, IntervalStats, StepRunner, init_optimizer_state
 
 KILL_AT_STEP_ENV = "CALM_TEST_KILL_AT_STEP"
@@ -445,7 +443,9 @@ def _train(
         )
 
     # -- the model on its device(s): checkpointing, compile, FSDP2, meta materialisation -------
-    wrapped, sharded, mp_policy = _prepare_model(raw, cfg, info, strategy)
+    wrapped, sharded, mp_policy, checkpointed = prepare_model(raw, cfg, info, strategy)
+    if cfg.activation_checkpointing and not checkpointed and main:
+        _say(f"note: {type(raw).__name__} has no Transformer blocks; activation_checkpointing does nothing")
     if resume and not is_sharded(found):
         _load_full_weights(raw, found, sharded)
     elif not resume and initial_weights:
@@ -681,27 +681,6 @@ def _check_skipped(stats: IntervalStats, done: int, cfg: TrainConfig, ckpt_path:
             f"{stats.last_bad_step}); aborting at step {done}. Try a lower learning rate, a smaller "
             f"grad_clip, or dtype=fp32. The last good checkpoint is in {ckpt_path}"
         )
-
-
-def _prepare_model(raw: nn.Module, cfg: TrainConfig, info: DistInfo, strategy: str):
-    """Apply activation checkpointing, per-block compile (FSDP2), FSDP2/DDP and materialise a
-    meta-device model (`calm.parallelize`). Returns (wrapped model, sharded?, FSDP2 MP policy)."""
-    device = info.device
-    meta = any(p.is_meta for p in raw.parameters())
-    sharded = strategy == "fsdp" and info.world_size > 1
-    if cfg.activation_checkpointing and not apply_activation_checkpointing(raw) and info.is_main:
-        _say(f"note: {type(raw).__name__} has no Transformer blocks; activation_checkpointing does nothing")
-    if cfg.compile and sharded:
-        compile_blocks(raw)
-    if meta and not sharded:
-        materialize_model(raw, device, cfg.seed)
-    elif not meta:
-        raw.to(device)
-    mp_policy = mixed_precision(device, cfg.dtype) if sharded else None
-    wrapped = wrap_model(raw, strategy, device, mp_policy=mp_policy, broadcast=not meta)
-    if meta and sharded:  # sharded first: each rank allocates only its own part
-        materialize_model(raw, device, cfg.seed)
-    return wrapped, sharded, mp_policy
 
 
 def _load_initial_weights(raw: nn.Module, weights: dict[str, torch.Tensor]) -> None:
