@@ -54,13 +54,15 @@ def test_tied_argmax_ties_go_to_the_first_index():
     assert tied_argmax(h, W, screen=True).item() == tied_argmax(h, W, screen=False).item() == 3
 
 
-def test_decoder_is_cached_and_rebuilt_when_weights_change():
-    model = _calm()
-    a = ChunkDecoder.for_model(model)
-    assert ChunkDecoder.for_model(model) is a
+def test_decoder_follows_weight_changes():
+    model = _calm(vocab=4096)
+    dec = ChunkDecoder.for_model(model)
+    z = torch.randn(64, 8) * 3
+    dec.decode(z)  # builds the cached bf16 screen where this CPU has one
     with torch.no_grad():
+        model.autoencoder.embed.weight.mul_(-1)  # the tied vocabulary matrix (and the screen's source)
         model.autoencoder.expand.weight.mul_(1.5)
-    assert ChunkDecoder.for_model(model) is not a
+    assert torch.equal(dec.decode(z), model.autoencoder.decode(z))
 
 
 @pytest.mark.parametrize("spread", [1.0, 0.05, 0.0])
