@@ -228,12 +228,14 @@ class ChunkInputTable:
 
 
 def low_precision_copies(model, dtype: torch.dtype):
-    """Copies of CALM's energy head and autoencoder in `dtype`, cached while the weights are
+    """Copies of CALM's head and autoencoder in `dtype`, cached while the weights are
     unchanged (autocast would re-cast every weight at every step, which costs more than it
-    saves when a step decodes few latents)."""
+    saves when a step decodes few latents). The key holds the head's sampling settings, so a
+    copy never samples with steps the model no longer has."""
     params = list(model.head.parameters()) + list(model.autoencoder.parameters())
 
     def build():
         return copy.deepcopy(model.head).to(dtype), copy.deepcopy(model.autoencoder).to(dtype)
 
-    return _cached(("low-precision", dtype), params, build)
+    sampling = tuple(sorted(model.head.describe().items())) if hasattr(model.head, "describe") else ()
+    return _cached(("low-precision", dtype, sampling), params, build)

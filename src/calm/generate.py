@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from calm.cli import add_official_ae_argument
+from calm.cli import add_head_sampling_arguments, add_official_ae_argument, apply_head_sampling
 
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -75,10 +75,11 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
         "--decode-dtype",
         choices=["model", "bfloat16"],
         default="model",
-        help="CALM: dtype of the energy head and autoencoder decoder; bfloat16 is faster at low temperature "
+        help="CALM: dtype of the head and autoencoder decoder; bfloat16 is faster at low temperature "
         "(N candidates decoded per step; at T = 1 with one prompt it can be slower on CPU) but a near-tied "
         "token may decode differently",
     )
+    add_head_sampling_arguments(parser)
     add_official_ae_argument(parser)
     parser.add_argument("--seed", type=int, default=None, help="random seed (prompt i uses seed + i)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available)")
@@ -167,6 +168,7 @@ def run_generate(args) -> int:
         raise GenerationError(
             f"{args.model} holds a {kind} model; calm generate needs a CALM or token-level model"
         )
+    apply_head_sampling(model, args)
     tok = getattr(model, "tokenizer", None)
     if tok is None:
         raise GenerationError(f"{args.model} has no tokenizer (tokenizer.json); cannot encode the prompts")
@@ -241,6 +243,8 @@ def run_generate(args) -> int:
             "time_s": elapsed,
             "tokens_per_s": n_new / elapsed if elapsed > 0 else None,
         }
+        if kind == "calm":
+            result["head"] = model.head.describe()
         if kind == "calm" and args.temperature < 1:
             result["draws_per_step"] = stats.draws_per_row_step
             result["exact_hit_limit"] = stats.exact_hit_limit

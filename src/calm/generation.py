@@ -53,7 +53,10 @@ Decoding the candidates is the cost of low temperature
     (`calm.fast_decode.ChunkInputTable`), not a matmul over the K·d flattened embeddings.
     With a few rows per step (batch 1 at T = 1, the first blocks of the exact sampler) on CPU,
     head + decoder + argmax run as one compiled call (`calm.fused_decode`) instead of ~80
-    small PyTorch ops whose dispatch costs more than their arithmetic.
+    small PyTorch ops whose dispatch costs more than their arithmetic. That kernel runs the
+    energy head only: a flow or diffusion head (``config.head``) always takes the PyTorch path,
+    where its noise (Gaussian, from the same per-row streams through the head's
+    ``noise_from_uniform``) and its sampling steps (``model.set_head_sampling``) apply.
     Identical chunks are counted with tensor ops (`calm.sampling.chunk_counts`) and one chunk
     is chosen per row (`choose_approx`), without a loop over rows; this bookkeeping is well
     under 1% of a step at N = 200 (benchmarks/bench_decode.py).
@@ -192,8 +195,17 @@ class _NoiseBlocks:
     gets for a step are independent of the batch composition.
     """
 
-    def __init__(self, rng: RowRandom, purpose: int, shape: Sequence[int], dtype, *, shift: float = 0.0):
-        self.rng, self.purpose, self.shape, self.dtype, self.shift = rng, purpose, tuple(shape), dtype, shift
+    def __init__(
+        self,
+        rng: RowRandom,
+        purpose: int,
+        shape: Sequence[int],
+        dtype,
+        *,
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ):
+        self.rng, self.purpose, self.shape, self.dtype = rng, purpose, tuple(shape), dtype
+        self.transform = transform  # uniforms -> the values wanted (e.g. a head's `noise_from_uniform`)
         per_step = max(1, math.prod(self.shape))
         self.block = max(1, min(64, (1 << 16) // per_step))
         self._index = -1
@@ -207,7 +219,7 @@ class _NoiseBlocks:
         index, offset = divmod(step, self.block)
         if index != self._index:
             u = self.rng.uniform((self.purpose, index), (self.block, *self.shape), self.dtype)
-            self._values = u.sub_(self.shift) if self.shift else u
+            self._values = self.transform(u) if self.transform is not None else u
             self._index = index
         return self._values[:, offset]
 
@@ -598,7 +610,7 @@ def generate(
         screen: force (True) or forbid (False) the bf16-screened exact argmax of `tied_argmax`
             for decoding CALM's candidates through PyTorch; None: automatic. (The fused kernel
             takes the float32 argmax directly.)
-        decode_dtype: run CALM's energy head and autoencoder decoder in this dtype (cached
+        decode_dtype: run CALM's head and autoencoder decoder in this dtype (cached
             copies of their weights), e.g. torch.bfloat16: faster where bf16 matmuls are fast
             (AMX CPUs, CUDA), most at T < 1 where every step decodes N candidates (at T = 1 and
             batch 1 on CPU it can be slower: one-row bf16 matmuls cost more than float32 ones
@@ -608,8 +620,9 @@ def generate(
         fused_kernel: CALM on CPU: decode steps of at most `calm.fused_decode.MAX_ROWS`
             latents with the compiled head + decoder + argmax kernel (the same tokens up to
             float32 rounding; compiled on first use). None (default): where it applies and
-            compiles; True: require it (GenerationError saying why if it cannot be used);
-            False: always the PyTorch modules.
+            compiles; True: require it (GenerationError saying why if it cannot be used, e.g.
+            for a flow or diffusion head, which the kernel does not run); False: always the
+            PyTorch modules.
         profile: time the phases of a step (in stats.phases; synchronises CUDA).
         return_stats: also return a `GenerationStats`.
     """
@@ -816,17 +829,19 @@ def _generate_calm(
     timer = _Timer(profile, device)
     rows = _Rows(B, steps * K, max_new, eos, stream, device, pad)
     n, alpha = split_inverse_temperature(T)
-    head = model.head
+    head = model.head  # any `calm.models.head.GenerativeHead`: its noise comes from the row streams
     ae = model.autoencoder
     noise_dim = head.noise_dim
-    noise_dtype = head.noise_embd.weight.dtype
+    noise_dtype = head.noise_dtype
     if n == 1 and alpha == 0.0:
         mode, per_step = "single", 1
     elif sampler == "approx":
         mode, per_step = "approx", N
     else:
         mode, per_step = "exact", 0
-    head_noise = _NoiseBlocks(rng, 2, (max(per_step, 1), noise_dim), noise_dtype, shift=0.5)
+    head_noise = _NoiseBlocks(
+        rng, 2, (max(per_step, 1), noise_dim), noise_dtype, transform=head.noise_from_uniform
+    )
     select_u = _NoiseBlocks(rng, 3, (), torch.float64)
 
     def head_decode(h: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -862,7 +877,8 @@ def _generate_calm(
         def draw(m: int, rows: torch.Tensor | None) -> torch.Tensor:
             # a row's j-th draw of the step depends on (its seed, step, j) only: neither on the
             # batch nor on how the sampler splits its draws into calls
-            noise = rng.uniform((4, step), (m, noise_dim), noise_dtype, offset=drawn[0] * noise_dim).sub_(0.5)
+            u = rng.uniform((4, step), (m, noise_dim), noise_dtype, offset=drawn[0] * noise_dim)
+            noise = head.noise_from_uniform(u)
             drawn[0] += m
             timer.lap("select")
             if rows is None:

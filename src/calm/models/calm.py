@@ -1,12 +1,14 @@
 """CALM language model (stage 2, DESIGN §2.2): next-vector prediction over chunks of K tokens.
 
-    tokens [B, T] ─ chunks [B, C, K] ─ embed + compress ─ backbone ─ h [B, C, d] ─ energy head ─ z̃
+    tokens [B, T] ─ chunks [B, C, K] ─ embed + compress ─ backbone ─ h [B, C, d] ─ head ─ z̃
                                                                         ↑ h at chunk i predicts chunk i+1
 
 The input at step i is chunk i's K *tokens* (embedded, flattened and compressed to d), not
 its latent vector. The training target of step i is the frozen autoencoder's posterior of
-chunk i+1, from which M vectors are drawn; the head draws N vectors and the energy loss
-compares the two sets. The autoencoder is frozen (no gradients, always in eval mode) and
+chunk i+1. The generative head (`config.head`, `calm.models.head`) turns that posterior into
+its loss: the default energy head draws M vectors from it and N of its own, and the energy
+loss compares the two sets; the flow and diffusion heads regress a velocity / the noise on
+posterior draws. The autoencoder is frozen (no gradients, always in eval mode) and
 part of the module, so a CALM checkpoint carries it and one directory is enough to generate.
 """
 
@@ -17,7 +19,7 @@ from torch import nn
 
 from calm.config import AutoencoderConfig, CALMConfig, ConfigError
 from calm.models.autoencoder import ChunkAutoencoder
-from calm.models.energy import EnergyHead, energy_loss
+from calm.models.head import build_head
 from calm.models.layers import init_weights
 from calm.models.transformer import Backbone, KVCache
 
@@ -44,7 +46,7 @@ def _check_compatible(config: CALMConfig, ae: AutoencoderConfig) -> None:
 
 
 class CALM(nn.Module):
-    """Continuous autoregressive LM: compressed chunk inputs, Transformer backbone, energy head."""
+    """Continuous autoregressive LM: compressed chunk inputs, Transformer backbone, generative head."""
 
     def __init__(self, config: CALMConfig):
         super().__init__()
@@ -59,7 +61,7 @@ class CALM(nn.Module):
         )
         self.backbone = Backbone(config)
         init_weights(self)  # embed, compress, backbone: N(0, 0.02)
-        self.head = EnergyHead(d, config.latent_dim, config.noise_dim, config.num_head_layers)
+        self.head = build_head(config)  # the energy head unless config.head says otherwise
         self.autoencoder = ChunkAutoencoder(ae_config)
         self.autoencoder.requires_grad_(False)
         self.autoencoder.eval()
@@ -125,6 +127,16 @@ class CALM(nn.Module):
         return self.backbone.new_cache(batch_size, max_len, device, dtype)
 
     # -- sampling -------------------------------------------------------------------------------
+    def set_head_sampling(self, steps: int | None = None, solver: str | None = None) -> CALM:
+        """Change the head's sampling steps / solver at use time (config and head; the weights
+        do not depend on them). ConfigError naming the setting if it is bad or the head has none
+        (the energy head samples in one pass). Returns self."""
+        changes = self.head.sampling_changes(steps, solver)
+        if changes:
+            self.config = self.config.replace(**changes)  # validated by CALMConfig
+            self.head.configure(self.config)
+        return self
+
     def sample_latents(
         self, hidden: torch.Tensor, num_samples: int = 1, generator: torch.Generator | None = None
     ) -> torch.Tensor:
@@ -150,7 +162,7 @@ class CALM(nn.Module):
 
     # -- training objective ---------------------------------------------------------------------
     def loss(self, tokens: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """Mean energy loss over chunk positions 1..C-1 of windows `tokens` [B, T]."""
+        """Mean head loss (energy loss by default) over chunk positions 1..C-1 of windows `tokens` [B, T]."""
         c = self.config
         chunks = self.to_chunks(tokens)
         B, C, _ = chunks.shape
@@ -163,16 +175,9 @@ class CALM(nn.Module):
         with torch.no_grad():
             mu, log_std = self.autoencoder.encode(chunks[:, 1:])
             mu, std = mu.float(), log_std.float().exp()
-            # Targets y_m = μ + σ ε_m, kept relative to μ (distances are shift-invariant; the
-            # shifted vectors are small, which keeps the matmul distance identity accurate).
-            eps = torch.randn((B, C - 1, c.num_target_samples, c.latent_dim), device=mu.device)
-            targets = eps.mul_(std.unsqueeze(-2))
-        samples = self.head.sample(h, c.num_model_samples)  # [B, C-1, N, l]
-        per_pos, fidelity, diversity = energy_loss(
-            samples.float() - mu.unsqueeze(-2), targets, c.energy_alpha, return_parts=True, center=False
-        )
+        per_pos, metrics = self.head.loss(h, mu, std)  # [B, C-1]; the head draws its own targets
         loss = per_pos.mean()
-        return loss, {"fidelity": fidelity.detach().mean(), "diversity": diversity.detach().mean()}
+        return loss, metrics
 
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, dict]:
         return self.loss(tokens)
