@@ -44,8 +44,15 @@ from calm.train import PreparedData, build_calm_from_autoencoder, read_metrics, 
 # BrierLM at 50k training steps, read off the paper's Fig. 9 (CALM-M scale), and the sampling
 # steps each head needs there (energy: 1; flow: ~4 to approach its best; diffusion: ~100).
 PAPER_FIG9 = {"energy": 4.70, "flow": 4.08, "diffusion": 3.07}
-HEADS = ("energy", "flow", "diffusion")
+# run name -> CALMConfig changes; "diffusion-eps" is the diffusion head with the authors' target
+VARIANTS = {
+    "energy": {"head": "energy"},
+    "flow": {"head": "flow"},
+    "diffusion": {"head": "diffusion"},
+    "diffusion-eps": {"head": "diffusion", "diffusion_target": "eps"},
+}
 STEPS_FIELD = {"flow": "flow_steps", "diffusion": "diffusion_steps"}
+COLORS = {"energy": "C0", "flow": "C1", "diffusion": "C2", "diffusion-eps": "C3"}
 
 
 def _ints(text: str) -> list[int]:
@@ -56,7 +63,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="prepared data directory (calm prepare)")
     p.add_argument("--ae", required=True, help="trained autoencoder checkpoint (same tokenizer)")
-    p.add_argument("--heads", default=",".join(HEADS))
+    p.add_argument("--heads", default="energy,flow,diffusion", help=f"runs, of: {', '.join(VARIANTS)}")
     p.add_argument("--steps", type=int, default=600, help="training steps per head")
     p.add_argument("--d-model", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
@@ -86,6 +93,9 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     heads = [h for h in args.heads.split(",") if h]
+    unknown = [h for h in heads if h not in VARIANTS]
+    if unknown:
+        p.error(f"unknown --heads {unknown}; choose from {', '.join(VARIANTS)}")
 
     data = PreparedData(args.data)
     tok = data.tokenizer()
@@ -133,15 +143,20 @@ def main(argv=None) -> int:
     models = {}
     for head in heads:
         run = out / head
-        cfg = base.replace(head=head)
-        t0 = time.perf_counter()
-        if not (args.reuse and (run / "checkpoint" / "COMPLETE").exists()):
+        cfg = base.replace(**VARIANTS[head])
+        reused = args.reuse and (run / "checkpoint" / "COMPLETE").exists()
+        if not reused:
             torch.manual_seed(train_cfg.seed)
             model = build_calm_from_autoencoder(cfg, ae)
             eval_fn = brier_eval_fn(curve_windows, seed=args.seed)
             train(model, train_cfg, data, run, tokenizer=tok, eval_fn=eval_fn, quiet=True)
-        train_s = time.perf_counter() - t0
+        train_s = [r["elapsed_s"] for r in read_metrics(run) if r.get("split") == "train"][-1]
         model = load_model(run / "checkpoint")
+        for key, value in VARIANTS[head].items():
+            if getattr(model.config, key) != value:
+                raise SystemExit(
+                    f"{run / 'checkpoint'} has {key}={getattr(model.config, key)!r}, not {value!r}"
+                )
         models[head] = model
         curve = [
             {"step": r["step"], "brier_lm": r["brier_lm"], "brier_1": r["brier_1"], "brier_2": r["brier_2"]}
@@ -150,6 +165,8 @@ def main(argv=None) -> int:
         ]
         last_loss = [r["loss"] for r in read_metrics(run) if r.get("split") == "train"][-1]
         results["heads"][head] = {
+            "kind": model.config.head,
+            "reused_checkpoint": reused,
             "train_seconds": train_s,
             "final_train_loss": last_loss,
             "head_params": sum(p.numel() for p in model.head.parameters()),
@@ -160,16 +177,27 @@ def main(argv=None) -> int:
 
     # BrierLM at the end of training, against the sampling steps
     settings = {
-        h: {"flow": _ints(args.flow_steps), "diffusion": _ints(args.diffusion_steps)}.get(h, [None])
-        for h in models
+        h: {"flow": _ints(args.flow_steps), "diffusion": _ints(args.diffusion_steps)}.get(
+            m.config.head, [None]
+        )
+        for h, m in models.items()
     }
+    probe = val_tokens[: 8 * args.block_size].view(8, args.block_size)
     for head, model in models.items():
+        with torch.no_grad():  # the size of the latents a head should produce
+            chunks = model.to_chunks(probe)
+            h_probe = model.hidden(chunks[:, :-1])
+            mu_norm = float(model.autoencoder.encode(chunks[:, 1:])[0].norm(dim=-1).mean())
+        results["heads"][head]["posterior_mean_norm"] = mu_norm
         for steps in settings[head]:
             if steps is not None:
                 model.set_head_sampling(steps=steps)
             t0 = time.perf_counter()
             r = evaluate_model(model, val_tokens, block_size=args.block_size, seed=args.seed)
+            with torch.no_grad():
+                z = model.sample_latents(h_probe, 2, generator=torch.Generator().manual_seed(args.seed))
             row = {
+                "sample_norm": float(z.norm(dim=-1).mean()),
                 "sampling_steps": steps or 1,
                 "evals_per_sample": model.head.evals_per_sample,
                 "brier_lm": r["brier_lm"],
@@ -214,8 +242,8 @@ def main(argv=None) -> int:
             for row in results["heads"][head]["by_sampling_steps"]:
                 row["head_ms_per_token"][batch] = 1e3 * statistics.median(times[head, row["sampling_steps"]])
     for head, model in models.items():
-        if head in STEPS_FIELD:  # back to the trained default
-            model.set_head_sampling(steps=getattr(base, STEPS_FIELD[head]))
+        if model.config.head in STEPS_FIELD:  # back to the trained default
+            model.set_head_sampling(steps=getattr(base, STEPS_FIELD[model.config.head]))
         results["heads"][head]["head"] = model.head.describe()
 
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -244,18 +272,19 @@ def _markdown(res: dict) -> str:
         f"tokens, context {res['block_size']} tokens, 95% CI.",
         "",
         "| head | sampling steps | network evals / sample | BrierLM [95% CI] | Brier-1 | Brier-2 | "
-        "head ms / token (batch 1) | head ms / token (batch 16) | paper, 50k steps |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "‖z̃‖ / ‖μ‖ | head ms / token (batch 1) | head ms / token (batch 16) | paper, 50k steps |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for head, h in res["heads"].items():
         default = h["head"].get("steps", 1)
         for row in h["by_sampling_steps"]:
             ms = {int(k): v for k, v in row["head_ms_per_token"].items()}
-            paper = res["paper_fig9_50k_steps"][head] if row["sampling_steps"] == default else ""
+            paper = res["paper_fig9_50k_steps"].get(head, "") if row["sampling_steps"] == default else ""
+            ratio = row["sample_norm"] / h["posterior_mean_norm"]
             lines.append(
                 f"| {head} | {row['sampling_steps']} | {row['evals_per_sample']} | {_fmt_ci(row)} | "
-                f"{row['brier_1']:.4f} | {row['brier_2']:.4f} | {ms.get(1, float('nan')):.3f} | "
-                f"{ms.get(16, float('nan')):.3f} | {paper} |"
+                f"{row['brier_1']:.4f} ± {row['brier_1_se']:.4f} | {row['brier_2']:.4f} | {ratio:.3g} | "
+                f"{ms.get(1, float('nan')):.3f} | {ms.get(16, float('nan')):.3f} | {paper} |"
             )
     lines += ["", "BrierLM during training (first {:,} validation tokens):".format(res["curve_tokens"]), ""]
     steps = sorted({p["step"] for h in res["heads"].values() for p in h["curve"]})
@@ -284,7 +313,7 @@ def _plot(res: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"energy": "C0", "flow": "C1", "diffusion": "C2"}
+    colors = COLORS
     fig, axes = plt.subplots(2, 3, figsize=(13.5, 7.4))
     for i, (key, label) in enumerate((("brier_lm", "BrierLM"), ("brier_1", "Brier-1"))):
         ax = axes[i, 0]
@@ -315,7 +344,7 @@ def _plot(res: dict, path: Path) -> None:
     ax = axes[0, 2]
     names = list(res["heads"])
     x = list(range(len(names)))
-    paper = [res["paper_fig9_50k_steps"][n] for n in names]
+    paper = [res["paper_fig9_50k_steps"].get(n, 0.0) for n in names]
     ours = [_default_row(res["heads"][n])["brier_lm"] for n in names]
     ax.bar([i - 0.2 for i in x], paper, 0.4, label="paper, 50k steps (Fig. 9)", color="0.6")
     ax.bar(

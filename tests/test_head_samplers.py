@@ -75,20 +75,25 @@ class ExactVelocity(_ExactField):
         return self._mix(xd, t * self.m, var, v).to(x.dtype)
 
 
-class ExactNoise(_ExactField):
-    """E[ε | x_t = x] for x_t = √ᾱ z + √(1 − ᾱ) ε: −√(1 − ᾱ) times the score of the marginal."""
+class ExactDenoiser(_ExactField):
+    """The exact network of a diffusion head for x_t = √ᾱ z + √(1 − ᾱ) ε: E[ε | x_t] (target
+    "eps", −√(1 − ᾱ) times the score) or E[v | x_t] = √ᾱ E[ε | x_t] − √(1 − ᾱ) E[z | x_t] ("v")."""
 
-    def __init__(self, alphas_cumprod, **kw):
+    def __init__(self, alphas_cumprod, target="v", **kw):
         super().__init__(**kw)
-        self.acp = alphas_cumprod
+        self.acp, self.target = alphas_cumprod, target
 
     def forward(self, x, t, cond):
         xd = x.double()
         a = self.acp[t.long()].expand(x.shape[:-1])[..., None, None]  # [..., 1, 1]
         centers = a.sqrt() * self.m
-        var = (a * self.s2[:, None] + 1 - a)[..., 0]  # [..., K]
-        eps = (1 - a).sqrt() * (xd[..., None, :] - centers) / var[..., None]
-        return self._mix(xd, centers, var, eps).to(x.dtype)
+        var = (a * self.s2[:, None] + 1 - a)[..., 0]  # [..., K]: Var(x_t | component k)
+        dev = (xd[..., None, :] - centers) / var[..., None]  # [..., K, D]
+        eps = self._mix(xd, centers, var, (1 - a).sqrt() * dev)
+        if self.target == "eps":
+            return eps.to(x.dtype)
+        z = self._mix(xd, centers, var, self.m + a.sqrt() * self.s2[:, None] * dev)
+        return (a[..., 0].sqrt() * eps - (1 - a[..., 0]).sqrt() * z).to(x.dtype)
 
 
 def flow_head(steps=10, solver="midpoint"):
@@ -97,9 +102,9 @@ def flow_head(steps=10, solver="midpoint"):
     return head
 
 
-def diffusion_head(steps=100, solver="ddpm", schedule="cosine"):
-    head = DiffusionHead(4, 2, 1, steps=steps, solver=solver, schedule=schedule)
-    head.net = ExactNoise(head.alphas_cumprod)
+def diffusion_head(steps=100, solver="ddpm", schedule="cosine", target="v"):
+    head = DiffusionHead(4, 2, 1, steps=steps, solver=solver, schedule=schedule, target=target)
+    head.net = ExactDenoiser(head.alphas_cumprod, target)
     return head
 
 
@@ -129,17 +134,24 @@ def test_one_flow_step_does_not_reproduce_the_mixture():
 
 
 @pytest.mark.parametrize(
-    "steps, solver, schedule",
-    [(1000, "ddpm", "cosine"), (200, "ddim", "cosine"), (250, "ddpm", "linear")],
+    "steps, solver, schedule, target",
+    [
+        (1000, "ddpm", "cosine", "v"),
+        (200, "ddim", "cosine", "v"),
+        (250, "ddpm", "linear", "v"),
+        (1000, "ddpm", "cosine", "eps"),
+        (200, "ddim", "cosine", "eps"),
+    ],
 )
-def test_diffusion_sampler_with_the_exact_noise_reproduces_the_mixture(steps, solver, schedule):
-    assert mixture_ks(draw(diffusion_head(steps, solver, schedule))) < KS_LIMIT
+def test_diffusion_sampler_with_the_exact_network_reproduces_the_mixture(steps, solver, schedule, target):
+    assert mixture_ks(draw(diffusion_head(steps, solver, schedule, target))) < KS_LIMIT
 
 
 @pytest.mark.parametrize("solver", ["ddpm", "ddim"])
-def test_one_diffusion_step_does_not_reproduce_the_mixture(solver):
+@pytest.mark.parametrize("target", ["v", "eps"])
+def test_one_diffusion_step_does_not_reproduce_the_mixture(solver, target):
     # one step returns E[z | x_{T-1}] ≈ the mixture mean for every sample
-    assert mixture_ks(draw(diffusion_head(1, solver))) > 3 * KS_LIMIT
+    assert mixture_ks(draw(diffusion_head(1, solver, target=target))) > 3 * KS_LIMIT
 
 
 def test_ddpm_noise_layout_uses_every_noise_vector():
@@ -153,16 +165,22 @@ def test_ddpm_noise_layout_uses_every_noise_vector():
         assert not torch.allclose(head(torch.zeros(1, 4), bumped), base)
 
 
-@pytest.mark.parametrize("make", [flow_head, diffusion_head])
+@pytest.mark.parametrize(
+    "make",
+    [flow_head, diffusion_head, lambda: diffusion_head(target="eps")],
+    ids=["flow", "diffusion-v", "diffusion-eps"],
+)
 def test_the_training_loss_is_minimised_by_the_field_the_sampler_integrates(make):
     """The loss and the sampler share their conventions (direction of time, which of x₀ and z
     the path starts from, the ᾱ index): with one Gaussian target N(mu, std²) the exact field
     of the sampler's convention has a lower loss than that field shifted or scaled a little."""
     head = make()
     mu, std = torch.tensor([[0.7, -1.2]]), torch.tensor([[0.5, 0.5]])
-    head.net = (ExactVelocity if make is flow_head else lambda **kw: ExactNoise(head.alphas_cumprod, **kw))(
-        weights=torch.ones(1, dtype=torch.float64), means=mu.double(), stds=std[:, 0].double()
-    )
+    target = dict(weights=torch.ones(1, dtype=torch.float64), means=mu.double(), stds=std[:, 0].double())
+    if isinstance(head, FlowHead):
+        head.net = ExactVelocity(**target)
+    else:
+        head.net = ExactDenoiser(head.alphas_cumprod, head.target, **target)
     head.num_samples = 200_000
     exact = head.net.forward
 

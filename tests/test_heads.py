@@ -118,7 +118,7 @@ def test_energy_head_matches_values_recorded_from_the_previous_implementation():
 def test_default_head_is_energy_and_old_configs_load():
     cfg = preset("calm-tiny").to_dict()
     for key in ("head", "flow_steps", "flow_solver", "diffusion_steps", "diffusion_solver",
-                "diffusion_train_steps", "diffusion_schedule"):  # fmt: skip
+                "diffusion_train_steps", "diffusion_schedule", "diffusion_target"):  # fmt: skip
         cfg.pop(key)  # a config.json written before the head fields existed
     assert CALMConfig.from_dict(cfg).head == "energy"
 
@@ -230,6 +230,7 @@ def test_set_head_sampling_changes_steps_and_solver():
         ({"diffusion_solver": "dpm"}, "diffusion_solver"),
         ({"diffusion_schedule": "sigmoid"}, "diffusion_schedule"),
         ({"diffusion_train_steps": 0}, "diffusion_train_steps"),
+        ({"diffusion_target": "x0"}, "diffusion_target"),
     ],
 )
 def test_bad_head_settings_name_the_field(changes, field):
@@ -248,6 +249,9 @@ def test_bad_settings_through_overrides_and_at_use_time():
         tiny_calm("diffusion").set_head_sampling(solver="euler")
     with pytest.raises(ConfigError, match="head_steps"):
         tiny_calm("energy").set_head_sampling(steps=4)
+    d = tiny_calm("diffusion")
+    with pytest.raises(ConfigError, match="fixed by training"):
+        d.head.configure(d.config.replace(diffusion_target="eps"))
     model = tiny_calm("flow")
     with pytest.raises(ConfigError):
         model.set_head_sampling(steps=-1)

@@ -22,6 +22,7 @@ HEAD_NAMES = ("energy", "flow", "diffusion")
 FLOW_SOLVERS = ("euler", "midpoint")
 DIFFUSION_SOLVERS = ("ddpm", "ddim")
 DIFFUSION_SCHEDULES = ("cosine", "linear")
+DIFFUSION_TARGETS = ("v", "eps")
 
 
 class ConfigError(ValueError):
@@ -128,6 +129,7 @@ class CALMConfig(BackboneConfig):
     diffusion_solver: str = "ddpm"  # diffusion head: "ddpm" (ancestral) or "ddim" (deterministic)
     diffusion_train_steps: int = 1000  # diffusion head: steps of the training noise schedule
     diffusion_schedule: str = "cosine"  # diffusion head: "cosine" or "linear" betas
+    diffusion_target: str = "v"  # diffusion head: the network predicts "v" (√ᾱ·ε − √(1−ᾱ)·z) or "eps"
     autoencoder: dict = field(default_factory=dict)  # AutoencoderConfig.to_dict() of the frozen AE
 
     @property
@@ -154,6 +156,7 @@ class CALMConfig(BackboneConfig):
             ("flow_solver", FLOW_SOLVERS),
             ("diffusion_solver", DIFFUSION_SOLVERS),
             ("diffusion_schedule", DIFFUSION_SCHEDULES),
+            ("diffusion_target", DIFFUSION_TARGETS),
         ):
             if getattr(self, name) not in choices:
                 raise ConfigError(f"{name} must be one of {', '.join(choices)}, not {getattr(self, name)!r}")
