@@ -87,7 +87,15 @@ def main(argv=None) -> int:
     p.add_argument(
         "--reuse", action="store_true", help="skip training where OUT/<head> has a final checkpoint"
     )
+    p.add_argument(
+        "--replot", action="store_true", help="only rewrite results.md and heads.png from results.json"
+    )
     args = p.parse_args(argv)
+    if args.replot:
+        res = json.loads((Path(args.out) / "results.json").read_text())
+        (Path(args.out) / "results.md").write_text(_markdown(res))
+        _plot(res, Path(args.out) / "heads.png")
+        return 0
     command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])])
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -307,6 +315,12 @@ def _step_ticks(ax, res: dict) -> None:
     ax.set_xticks(steps, [str(s) for s in steps])
 
 
+def _note_if_all_zero(ax, values) -> None:
+    if values and all(v == 0 for v in values):
+        ax.text(0.5, 0.3, "all 0: no head predicted a 4-token span\n(Brier-4 = 0, so BrierLM clamps to 0)",
+                transform=ax.transAxes, ha="center", fontsize=9, color="0.3")  # fmt: skip
+
+
 def _plot(res: dict, path: Path) -> None:
     import matplotlib
 
@@ -327,33 +341,33 @@ def _plot(res: dict, path: Path) -> None:
                 err = [1.96 * r["brier_1_se"] for r in rows]
             ax.errorbar(xs, ys, yerr=err, fmt="o-", color=colors.get(head), capsize=3, label=head)
         _step_ticks(ax, res)
+        _note_if_all_zero(ax, [r[key] for h in res["heads"].values() for r in h["by_sampling_steps"]])
         ax.set_xlabel("sampling steps per vector")
         ax.set_ylabel(f"{label} (context {res['block_size']})")
         ax.set_title(f"ours after {res['train']['steps']} training steps (95% CI)")
         ax.grid(alpha=0.3, which="both")
-        ax.legend()
+        ax.legend(fontsize=8)
         ax = axes[i, 1]
         for head, h in res["heads"].items():
             pts = h["curve"]
             ax.plot([p["step"] for p in pts], [p[key] for p in pts], "o-", color=colors.get(head), label=head)
+        _note_if_all_zero(ax, [p[key] for h in res["heads"].values() for p in h["curve"]])
         ax.set_xlabel("training step")
         ax.set_ylabel(f"{label} ({res['curve_tokens']:,} val tokens)")
         ax.set_title("ours during training (default sampling steps)")
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=8)
     ax = axes[0, 2]
-    names = list(res["heads"])
+    names = [n for n in res["heads"] if n in res["paper_fig9_50k_steps"]]
     x = list(range(len(names)))
-    paper = [res["paper_fig9_50k_steps"].get(n, 0.0) for n in names]
+    paper = [res["paper_fig9_50k_steps"][n] for n in names]
     ours = [_default_row(res["heads"][n])["brier_lm"] for n in names]
     ax.bar([i - 0.2 for i in x], paper, 0.4, label="paper, 50k steps (Fig. 9)", color="0.6")
-    ax.bar(
-        [i + 0.2 for i in x],
-        ours,
-        0.4,
-        label=f"ours, {res['train']['steps']} steps",
-        color=[colors[n] for n in names],
-    )
+    ax.bar([i + 0.2 for i in x], ours, 0.4, label=f"ours, {res['train']['steps']} steps",
+           color=[colors[n] for n in names])  # fmt: skip
+    for i, (a, b) in enumerate(zip(paper, ours)):
+        ax.text(i - 0.2, a, f"{a:.2f}", ha="center", va="bottom", fontsize=8)
+        ax.text(i + 0.2, b, f"{b:.2f}", ha="center", va="bottom", fontsize=8)
     ax.set_xticks(x, names)
     ax.set_ylabel("BrierLM")
     ax.set_title("paper vs ours (default sampling steps)")
@@ -365,11 +379,11 @@ def _plot(res: dict, path: Path) -> None:
         for batch, style in ((1, "o-"), (16, "s--")):
             ys = [{int(k): v for k, v in r["head_ms_per_token"].items()}.get(batch) for r in rows]
             if all(y is not None for y in ys):
-                xs = [r["sampling_steps"] for r in rows]
+                xs = [r["evals_per_sample"] for r in rows]
                 ax.plot(xs, ys, style, color=colors.get(head), label=f"{head}, batch {batch}")
-    _step_ticks(ax, res)
+    ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("sampling steps per vector")
+    ax.set_xlabel("network evaluations per sample")
     ax.set_ylabel("head ms per generated token")
     ax.set_title("head time (generate, T = 1, PyTorch path)")
     ax.grid(alpha=0.3, which="both")

@@ -317,3 +317,15 @@ def test_training_and_resume_are_exact_for_every_head(head, tmp_path):
     for (name, x), y in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(x, y), name
     assert not torch.equal(full.head.net.input_proj.weight, tiny_calm(head).head.net.input_proj.weight)
+
+
+def test_head_options_refuse_a_token_model():
+    import argparse
+    import types
+
+    from calm.cli import apply_head_sampling
+
+    ar = types.SimpleNamespace(config=types.SimpleNamespace(kind="ar"))
+    with pytest.raises(ConfigError, match="CALM models only"):
+        apply_head_sampling(ar, argparse.Namespace(head_steps=4, head_solver=None))
+    apply_head_sampling(ar, argparse.Namespace(head_steps=None, head_solver=None))  # nothing asked: fine
