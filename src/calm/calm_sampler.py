@@ -9,8 +9,10 @@ the temperature rule (DESIGN §2.4, `calm.sampling`) and the decoder (`calm.deco
   until a row accepts (at most ``max_draws`` per row and step; a row that reaches the bound gets
   the batch approximation over its draws).
 * ``sampler="approx"``: ``num_candidates`` head samples, `calm.sampling.sample_approx`.
-* ``sampler="noise"``: one head sample with the head's input noise scaled by T (an
-  approximation of tempering with the cost of T = 1; see the README for its measured curve).
+
+There is no cheap "noise temperature": scaling the energy head's input noise changes nothing,
+because the head LayerNorms the noise projection (``norm_noise``), which cancels any scale
+(benchmarks/bench_sampler_curves.py measured identical samples from scale 1 down to 0.1).
 
 Both temperature samplers only compare chunks for equality. On the CPU their draws are
 therefore told apart by `calm.decoding.DrawClasses`, which decodes a draw's token positions
@@ -33,11 +35,16 @@ from calm.sampling import sample_approx, sample_exact, split_inverse_temperature
 
 __all__ = ["SAMPLERS", "ChunkSampler"]
 
-SAMPLERS = ("exact", "approx", "noise")
+SAMPLERS = ("exact", "approx")
 EXACT_MAX_BLOCK = 64  # the exact sampler's draws per call double up to this
 
 # RowRandom stream keys (purpose, step, ...): fixed, so a seed gives the same text across versions
 _HEAD_NOISE, _CHOICE, _EXACT_NOISE, _EXACT_COINS, _EXACT_LIMIT = 2, 3, 4, 5, 6
+
+
+def _head_decode(head, ae, h: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Head samples decoded by the plain float32 argmax (the reference path, for compiling)."""
+    return ae.decode_logits(head(h, noise)).argmax(-1)
 
 
 class ChunkSampler:
@@ -63,6 +70,8 @@ class ChunkSampler:
         stats=None,
         timer=None,
         fused_kernel=None,
+        compile: bool = False,
+        lazy_draws: bool | None = None,
     ):
         self.model, self.rng, self.T = model, rng, temperature
         self.decoder = ChunkDecoder.for_model(model)
@@ -77,13 +86,19 @@ class ChunkSampler:
         self.max_draws = num_candidates if max_draws is None else max_draws
         self.draws_per_call = draws_per_call
         self.stats, self.timer, self.fused_kernel = stats, timer, fused_kernel
+        self.compiled_sample = None
+        if compile:  # T = 1: head + decoder + plain float32 argmax as one compiled graph
+            from calm.generation import _compiled
+
+            self.compiled_sample = _compiled(_head_decode, model.autoencoder.lm_head.weight.device)
         per_step = num_candidates if self.mode == "approx" else 1
         self.head_noise = NoiseBlocks(
             rng, _HEAD_NOISE, (per_step, self.noise_dim), self.noise_dtype, transform=head.noise_from_uniform
         )
         self.choice_u = NoiseBlocks(rng, _CHOICE, (), torch.float64)
         device = model.autoencoder.lm_head.weight.device
-        self.lazy = device.type == "cpu"  # position-by-position draw classes (see module docstring)
+        # position-by-position draw classes (see the module docstring): on the CPU by default
+        self.lazy = device.type == "cpu" if lazy_draws is None else bool(lazy_draws)
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep only the rows `rows` (their random streams; the caller selects `rng`)."""
@@ -107,6 +122,9 @@ class ChunkSampler:
         if self.fused_kernel is not None and b * m <= self.fused_kernel_rows:
             out = self.fused_kernel(h, noise)
             self._count(b * m, b * m * K, b * m)
+        elif self.compiled_sample is not None:
+            out = self.compiled_sample(self.head, self.decoder.ae, h, noise)
+            self._count(b * m, b * m * K)
         else:
             out = self.decoder.sample(h, noise)
             self._count(b * m, b * m * K)
@@ -120,11 +138,8 @@ class ChunkSampler:
         return MAX_ROWS
 
     def __call__(self, h: torch.Tensor, step: int) -> torch.Tensor:
-        if self.mode in ("single", "noise"):
-            noise = self.head_noise.get(step)
-            if self.mode == "noise":
-                noise = noise * self.T
-            return self._decode_full(h, noise)[:, 0]
+        if self.mode == "single":
+            return self._decode_full(h, self.head_noise.get(step))[:, 0]
         if self.mode == "approx":
             return self._approx(h, step)
         return self._exact(h, step)

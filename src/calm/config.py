@@ -155,6 +155,10 @@ class CALMConfig(BackboneConfig):
     # Weight of an auxiliary, training-only cross-entropy: a light head predicts the next chunk's
     # K tokens from the backbone state h (through the tied input embedding). 0 = off (the paper).
     aux_token_weight: float = 0.0
+    # Weight of a training-only cross-entropy of the frozen decoder's logits at one extra head
+    # sample against the true next chunk: tells the head which latent regions decode to which
+    # tokens. Not a proper score (it pulls samples to the observed chunk); 0 = off (the paper).
+    decoder_ce_weight: float = 0.0
     head: str = "energy"  # generative head: "energy" (one pass per sample), "flow" or "diffusion"
     flow_steps: int = 10  # flow head: ODE steps from noise (t = 0) to a latent (t = 1) per sample
     flow_solver: str = "midpoint"  # flow head: "midpoint" (2 evaluations per step) or "euler" (1)
@@ -185,6 +189,8 @@ class CALMConfig(BackboneConfig):
             raise ConfigError(f"head_init must be 'zero' or 'xavier', not {self.head_init!r}")
         if self.head_noise_atoms < 0:
             raise ConfigError(f"head_noise_atoms must be >= 0, got {self.head_noise_atoms}")
+        if not self.decoder_ce_weight >= 0:
+            raise ConfigError(f"decoder_ce_weight must be >= 0, got {self.decoder_ce_weight}")
         if not self.aux_token_weight >= 0:
             raise ConfigError(f"aux_token_weight must be >= 0, got {self.aux_token_weight}")
         self._check_head_sampling()

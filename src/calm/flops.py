@@ -322,6 +322,10 @@ def flops_report(
                 params["total"] += params["aux_token_head"]
                 params["total_with_autoencoder"] += params["aux_token_head"]
                 notes.append("auxiliary token head (training only): its matmuls count in training FLOPs")
+            if config.decoder_ce_weight > 0:  # one more head sample, through the frozen decoder
+                per_sample = head_train / max(1, N) if config.head == "energy" else 0
+                step_train["decoder_ce"] = per_sample + 3 * 2 * ae_counts["decoder_matmul"]
+                notes.append("decoder cross-entropy (training only): one head sample + the decoder, fwd + bwd")
             step_infer = {
                 "input_compression": 2 * comp_matmul,
                 "backbone": 2 * bb_matmul,
@@ -474,6 +478,7 @@ _LABELS = {
     "lm_head": "LM head",
     "energy_head": "energy head",
     "aux_token_head": "aux token head (train)",
+    "decoder_ce": "decoder CE (train)",
     "flow_head": "flow head",
     "diffusion_head": "diffusion head",
     "attention": "attention scores",

@@ -418,6 +418,8 @@ def generate(
     draws_per_call: int = 8,
     drop_finished: bool = True,
     fused_kernel: bool | None = None,
+    compile: bool = False,
+    lazy_draws: bool | None = None,
     profile: bool = False,
     return_stats: bool = False,
 ):
@@ -455,6 +457,14 @@ def generate(
             compiles; True: require it (GenerationError saying why if it cannot be used, e.g.
             for a flow or diffusion head, which the kernel does not run); False: always the
             PyTorch modules.
+        compile: decode through `torch.compile`d steps (``fullgraph=True``) over a fixed-shape
+            `calm.models.transformer.StaticKVCache`: the backbone step, the AR sampler and
+            CALM's T = 1 head + decoder + argmax (on CUDA, mode "reduce-overhead": CUDA graphs).
+            The first call with new shapes compiles (tens of seconds on a CPU); later calls with
+            the same shapes reuse the graphs. Finished rows stay in the batch (static shapes).
+        lazy_draws: CALM at T < 1: tell draws apart position by position (`calm.decoding.DrawClasses`;
+            the same chunks, less decoding). None (default): on the CPU; False: decode every draw
+            in full (e.g. to measure what the lazy decoding saves).
         profile: time the phases of a step (in stats.phases; synchronises CUDA).
         return_stats: also return a `GenerationStats`.
     """
@@ -521,7 +531,7 @@ def generate(
     try:
         if kind == "ar":
             rows = _generate_ar(
-                model, prompts, steps, temperature, rng, eos, pad, stream, drop_finished, stats, profile
+                model, prompts, steps, temperature, rng, eos, pad, stream, drop_finished, stats, profile, compile
             )
         else:
             rows = _generate_calm(
@@ -541,7 +551,9 @@ def generate(
                 num_candidates=num_candidates,
                 max_draws=max_draws,
                 draws_per_call=draws_per_call,
-                fused_kernel=_fused_kernel(fused_kernel, model),
+                fused_kernel=None if compile else _fused_kernel(fused_kernel, model),
+                compile=compile,
+                lazy_draws=lazy_draws,
             )
     finally:
         model.train(was_training)
@@ -578,24 +590,60 @@ def _decode_loop(h, pos, steps, sample, advance, rows, row_state, drop_finished,
         timer.lap("backbone")
 
 
-def _generate_ar(model, prompts, steps, T, rng, eos, pad, stream, drop_finished, stats, profile):
+# ---------------------------------------------------------------------------------------------
+# Decoding steps, as plain functions of their inputs (so that one torch.compile serves every
+# call with the same shapes: `_compiled`)
+
+
+def _ar_advance(model, cache, tokens, pos):
+    return model.backbone(model.embed(tokens), positions=pos, cache=cache)[:, -1]
+
+
+def _ar_choice(model, h, uniforms, inv_t: float):
+    from calm.sampling import temper_logits
+
+    logits = model.lm_head(h).float()
+    if inv_t != 1.0:
+        logits = temper_logits(logits, inv_t)  # T -> 0 is greedy, never NaN
+    return inverse_cdf_choice(logits, uniforms).unsqueeze(1)  # [B, 1]
+
+
+def _calm_advance(model, table, cache, chunk, pos):
+    chunk = chunk.unsqueeze(1)  # [b, 1, K]
+    x = model.chunk_inputs(chunk) if table is None else table(chunk)
+    return model.backbone(x, positions=pos, cache=cache)[:, -1]
+
+
+_COMPILED: dict = {}
+
+
+def _compiled(fn, device: torch.device | None = None):
+    """``torch.compile(fn, fullgraph=True, dynamic=False)``, one per function for the process:
+    its graphs are reused by every call with the same shapes (they are guarded, not rebuilt).
+    On CUDA with mode "reduce-overhead" (CUDA graphs: one launch per step at small batch)."""
+    cuda = device is not None and device.type == "cuda"
+    key = (fn, cuda)
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(fn, fullgraph=True, dynamic=False, mode="reduce-overhead" if cuda else None)
+    return _COMPILED[key]
+
+
+def _generate_ar(model, prompts, steps, T, rng, eos, pad, stream, drop_finished, stats, profile, compile=False):
     device = next(model.parameters()).device
     B = len(prompts)
     tokens, valid = prepare_prompts(prompts, pad, 1, device)
     positions = _positions(valid)
     padded = not bool(valid.all())
-    cache = model.backbone.new_cache(B, tokens.shape[1] + steps - 1)
+    cache = model.backbone.new_cache(B, tokens.shape[1] + steps - 1, static=compile)
+    advance_fn = _compiled(_ar_advance, device) if compile else _ar_advance
+    choice_fn = _compiled(_ar_choice, device) if compile else _ar_choice
     timer = _Timer(profile, device)
     rows = _Rows(B, steps, steps, eos, stream, device, pad)
     uniforms = NoiseBlocks(rng, 1, (), torch.float64)
     inv_t = 1.0 / T
-    from calm.sampling import temper_logits
 
     def sample(h: torch.Tensor, step: int) -> torch.Tensor:
-        logits = model.lm_head(h).float()
-        if inv_t != 1.0:
-            logits = temper_logits(logits, inv_t)  # T -> 0 is greedy, never NaN
-        out = inverse_cdf_choice(logits, uniforms.get(step)).unsqueeze(1)  # [B, 1]
+        out = choice_fn(model, h, uniforms.get(step), inv_t)
         timer.lap("sample")
         return out
 
@@ -612,10 +660,10 @@ def _generate_ar(model, prompts, steps, T, rng, eos, pad, stream, drop_finished,
         pos,
         steps,
         sample,
-        lambda nxt, pos: model.backbone(model.embed(nxt), positions=pos, cache=cache)[:, -1],
+        lambda nxt, pos: advance_fn(model, cache, nxt, pos),
         rows,
         [cache, rng, uniforms],
-        drop_finished,
+        drop_finished and not compile,  # compiled steps keep their shapes
         stats,
         timer,
     )
@@ -623,7 +671,9 @@ def _generate_ar(model, prompts, steps, T, rng, eos, pad, stream, drop_finished,
     return rows
 
 
-def _generate_calm(model, prompts, steps, max_new, rng, stats, *, eos, pad, stream, drop_finished, profile, **sampling):
+def _generate_calm(
+    model, prompts, steps, max_new, rng, stats, *, eos, pad, stream, drop_finished, profile, compile=False, **sampling
+):
     cfg = model.config
     K = cfg.chunk_size
     device = next(model.parameters()).device
@@ -634,16 +684,15 @@ def _generate_calm(model, prompts, steps, max_new, rng, stats, *, eos, pad, stre
     chunk_valid = token_valid.any(-1)
     positions = _positions(chunk_valid)
     padded = not bool(token_valid.all())
-    cache = model.new_cache(B, chunks.shape[1] + steps - 1)
+    cache = model.new_cache(B, chunks.shape[1] + steps - 1, static=compile)
     timer = _Timer(profile, device)
     rows = _Rows(B, steps * K, max_new, eos, stream, device, pad)
-    sample = ChunkSampler(model, rng, stats=stats, timer=timer if profile else None, **sampling)
+    sample = ChunkSampler(model, rng, stats=stats, timer=timer if profile else None, compile=compile, **sampling)
     table = ChunkInputTable.for_model(model)  # built outside the timed run, cached
+    advance_fn = _compiled(_calm_advance, device) if compile else _calm_advance
 
     def advance(chunk: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        chunk = chunk.unsqueeze(1)  # [b, 1, K]
-        x = model.chunk_inputs(chunk) if table is None else table(chunk)
-        return model.backbone(x, positions=pos, cache=cache)[:, -1]
+        return advance_fn(model, table, cache, chunk, pos)
 
     timer.start()
     t_prefill = time.perf_counter()
@@ -657,6 +706,8 @@ def _generate_calm(model, prompts, steps, max_new, rng, stats, *, eos, pad, stre
     pos = positions[:, -1:] + 1
     stats.prefill_s = time.perf_counter() - t_prefill
     timer.lap("prefill")
-    _decode_loop(h, pos, steps, sample, advance, rows, [cache, sample, rng], drop_finished, stats, timer)
+    _decode_loop(
+        h, pos, steps, sample, advance, rows, [cache, sample, rng], drop_finished and not compile, stats, timer
+    )
     stats.phases = timer.phases
     return rows

@@ -209,13 +209,19 @@ class CALM(nn.Module):
             mu, std = mu.float(), log_std.float().exp()
         per_pos, metrics = self.head.loss(h, mu, std)  # [B, C-1]; the head draws its own targets
         loss = per_pos.mean()
-        if self.token_head is not None or not self.training:
+        if self.token_head is not None or c.decoder_ce_weight > 0 or not self.training:
             metrics["energy" if c.head == "energy" else "head_loss"] = loss.detach()  # without the aux term
         if self.token_head is not None:
             logits = self.token_head(h, self.embed.weight)  # [B, C-1, K, V]
             aux = F.cross_entropy(logits.flatten(0, -2).float(), chunks[:, 1:].flatten())
             loss = loss + c.aux_token_weight * aux
             metrics["aux_ce"] = aux.detach()
+        if c.decoder_ce_weight > 0:
+            z = self.head.sample(h, 1)[..., 0, :]  # [B, C-1, l], with gradient to the head
+            logits = self.autoencoder.decode_logits(z)  # frozen decoder, gradient flows through
+            dce = F.cross_entropy(logits.flatten(0, -2).float(), chunks[:, 1:].flatten())
+            loss = loss + c.decoder_ce_weight * dce
+            metrics["decoder_ce"] = dce.detach()
         if not self.training and c.head == "energy":
             with torch.no_grad():
                 metrics.update(self._reference_energies(mu, std))
