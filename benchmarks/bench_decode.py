@@ -13,7 +13,9 @@ random weights so that its samples differ). Modes:
   calm_t1          CALM at T = 1: one head sample per step (on CPU at batch <= 8: head +
                    decoder + argmax in one compiled C call, `calm.fused_decode`)
   calm_t1_torch    the same through the PyTorch modules (``fused_kernel=False``)
-  calm_t1_compiled the same through `torch.compile`d steps (``compile=True``): the kernel's rival
+  calm_t1_compiled the same through `torch.compile`d steps (``compile=True``, no kernel): the
+                   kernel's rival
+  calm_t1_compiled_kernel  compiled backbone step + the fused kernel for head and decoder
   calm_t05_exact   T = 0.5, the exact sampler (the default; draws in doubling blocks until it
                    accepts, at most N = 200; rows at the bound get the approximation), draws told
                    apart position by position (`calm.decoding.DrawClasses`)
@@ -68,7 +70,8 @@ MODES = {
     "ar_compiled": dict(compile=True),
     "calm_t1": dict(temperature=1.0),
     "calm_t1_torch": dict(temperature=1.0, fused_kernel=False),
-    "calm_t1_compiled": dict(temperature=1.0, compile=True),
+    "calm_t1_compiled": dict(temperature=1.0, compile=True, fused_kernel=False),
+    "calm_t1_compiled_kernel": dict(temperature=1.0, compile=True),
     "calm_t05_exact": dict(temperature=0.5, sampler="exact", num_candidates=200),
     "calm_t05_exact_full": dict(temperature=0.5, sampler="exact", num_candidates=200, lazy_draws=False),
     "calm_t033_exact": dict(temperature=1 / 3, sampler="exact", num_candidates=200),

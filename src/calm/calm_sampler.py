@@ -87,7 +87,9 @@ class ChunkSampler:
         self.draws_per_call = draws_per_call
         self.stats, self.timer, self.fused_kernel = stats, timer, fused_kernel
         self.compiled_sample = None
-        if compile:  # T = 1: head + decoder + plain float32 argmax as one compiled graph
+        # T = 1: head + decoder + plain float32 argmax as one compiled graph (steps with more
+        # rows than the fused kernel takes, or where it is not available)
+        if compile:
             from calm.generation import _compiled
 
             self.compiled_sample = _compiled(_head_decode, model.autoencoder.lm_head.weight.device)

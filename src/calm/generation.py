@@ -551,7 +551,7 @@ def generate(
                 num_candidates=num_candidates,
                 max_draws=max_draws,
                 draws_per_call=draws_per_call,
-                fused_kernel=None if compile else _fused_kernel(fused_kernel, model),
+                fused_kernel=_fused_kernel(fused_kernel, model),
                 compile=compile,
                 lazy_draws=lazy_draws,
             )
