@@ -193,6 +193,7 @@ def main(argv=None) -> int:
                 "flops": done * tokens_per_step * fpt,
                 "train_seconds": t_train,
                 **{k: score[k] for k in ("brier_lm", "brier_1", "brier_2", "brier_3", "brier_4")},
+                **{f"brier_{n}_se": score.get(f"brier_{n}_se") for n in range(1, 5)},
                 "brier_lm_ci": score.get("brier_lm_ci"),
                 "ce": score.get("ce"),
                 **(energy_metrics(model, energy_windows, args.seed) if name == "calm" else {}),
