@@ -312,8 +312,8 @@ def _chunk_sampler(model):
     found the fast way); any other model's own ``sample_chunks``."""
     from calm.models.calm import CALM
 
-    if not isinstance(model, CALM) or type(model).sample_chunks is not CALM.sample_chunks:
-        return model.sample_chunks
+    if not isinstance(model, CALM) or getattr(model.sample_chunks, "__func__", None) is not CALM.sample_chunks:
+        return model.sample_chunks  # not our CALM, or its sampler is replaced (subclass, instance)
     from calm.decoding import ChunkDecoder
 
     decode = ChunkDecoder.for_model(model).decode
