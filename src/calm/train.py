@@ -204,6 +204,12 @@ class PreparedData:
     def tokenizer(self):
         return self.train.tokenizer()
 
+    def check_token_ids(self, vocab_size: int) -> None:
+        """A clear error before training if an id is outside the model's vocabulary (`calm.data`)."""
+        for split in (self.train, self.val):
+            if split is not None:
+                split.check_token_ids(min(int(vocab_size), split.vocab_size))
+
 
 # ---------------------------------------------------------------------------------------------
 # The loop
@@ -296,6 +302,8 @@ def train(
     micro = cfg.batch_size // (info.world_size * cfg.grad_accum)  # windows per micro-batch per rank
     if isinstance(data, (str, os.PathLike)):
         data = PreparedData(data)
+    if hasattr(data, "check_token_ids") and hasattr(model.config, "vocab_size"):
+        data.check_token_ids(model.config.vocab_size)
     raw = model
 
     # -- state: fresh or resumed ------------------------------------------------------------

@@ -7,7 +7,7 @@ Modules, one job each:
                        directories), finding inputs, streaming their documents
 - `calm.data.encode`   documents -> token ids (`tokenizers` batch encoding in worker processes)
 - `calm.data.writer`   numbered token shards of bounded size + document offsets for one split
-- `calm.data.prepare`  `prepare()`: the pipeline, validation split, atomic output directory
+- `calm.data.preparation`  `prepare()`: the pipeline, validation split, atomic output directory
 - `calm.data.shards`   `TokenShards`: a split's shards as one memory-mapped stream; id checks
 - `calm.data.batches`  seeded training batches (`batch_for_step`) and evaluation windows
 - `calm.data.cli`      the `calm prepare` options and summary
@@ -27,7 +27,7 @@ from calm.data.formats import (
     resolve_inputs,
     resolve_member,
 )
-from calm.data.prepare import is_val_document, prepare
+from calm.data.preparation import is_val_document, prepare
 from calm.data.shards import (
     DEFAULT_SHARD_BYTES,
     FORMAT_NAME,

@@ -11,7 +11,7 @@ from typing import Any
 
 from calm.data.encode import default_workers
 from calm.data.errors import DataWarning
-from calm.data.prepare import prepare
+from calm.data.preparation import prepare
 from calm.data.shards import DEFAULT_SHARD_BYTES
 from calm.data.text import BINARY_THRESHOLD, DOC_SPLITS, SNIFF_BYTES
 
@@ -106,7 +106,7 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
         "--allow-binary",
         action="store_true",
         help=f"read text files that look binary: by default a file whose first {SNIFF_BYTES // 1024} KiB "
-        f"are more than {BINARY_THRESHOLD:.0%} NUL bytes or invalid UTF-8 is refused",
+        f"are more than {round(100 * BINARY_THRESHOLD)}%% NUL bytes or invalid UTF-8 is refused",
     )
     parser.add_argument(
         "--workers",

@@ -34,5 +34,6 @@ def writing(path: str | os.PathLike):
         yield
     except OSError as err:
         if is_disk_full(err):
-            raise DiskFullError(f"{path}: no space left on device ({os.strerror(err.errno)})") from None
+            why = "no space left on device" if err.errno == errno.ENOSPC else "no space left (disk quota exceeded)"
+            raise DiskFullError(f"{path}: {why}") from None
         raise

@@ -308,13 +308,18 @@ def _raw_lines(path: Path, compression: str | None, on_bytes, counter: list[int]
 
 
 def sniff_binary(path: Path, compression: str | None) -> float:
-    """`binary_fraction` of the first `SNIFF_BYTES` (decompressed) bytes of a file."""
-    try:
-        with open_binary(path, compression) as stream:
-            sample = stream.read(SNIFF_BYTES)
-    except _corrupt_types() as e:
-        raise DataError(f"{path}: corrupt or truncated {compression} data at the start ({e})") from None
-    return binary_fraction(sample)
+    """`binary_fraction` of the first `SNIFF_BYTES` (decompressed) bytes of a file (a decompression
+    error ends the sample early: reading the file for real reports it with its line)."""
+    parts: list[bytes] = []
+    size = 0
+    with contextlib.suppress(*_corrupt_types()), open_binary(path, compression) as stream:
+        while size < SNIFF_BYTES:
+            piece = stream.read(min(1 << 12, SNIFF_BYTES - size))
+            if not piece:
+                break
+            parts.append(piece)
+            size += len(piece)
+    return binary_fraction(b"".join(parts))
 
 
 def looks_like_wikitext(path: str | os.PathLike, max_lines: int = 200) -> bool:

@@ -280,8 +280,9 @@ class TokenShards:
         for path, max_id in zip(self.files, self.shard_max_ids):
             if max_id is not None and int(max_id) >= vocab:
                 raise DataError(
-                    f"{path}: holds token ids up to {int(max_id):,} (meta.json) but the vocabulary has "
-                    f"{vocab:,} entries; the data was tokenized with another tokenizer: prepare it again"
+                    f"{path}: token ids up to {int(max_id):,} (recorded in {META_FILE}) are outside the "
+                    f"vocabulary of {vocab:,} entries; the data was tokenized with another tokenizer: "
+                    "prepare it again"
                 )
         scan = len(self) * self.dtype.itemsize <= FULL_SCAN_BYTES or None in self.shard_max_ids
         if scan:

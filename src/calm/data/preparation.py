@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from calm.data.encode import BATCH_CHARS, Encoder, default_workers, text_batches, token_dtype
-from calm.data.errors import DataError, DataWarning, DiskFullError, is_disk_full
+from calm.data.errors import DataError, DataWarning, DiskFullError, is_disk_full, writing
 from calm.data.formats import SourceStats, input_bytes, read_documents, resolve_inputs
 from calm.data.shards import DEFAULT_SHARD_BYTES, FORMAT_NAME, FORMAT_VERSION, META_FILE, SPLITS
 from calm.data.text import DOC_SPLITS
@@ -431,7 +431,7 @@ def prepare(
             "calm_version": _version(),
         }
         # meta.json last: a directory without it is never taken for a data set.
-        with open(tmp / META_FILE, "wb") as f:
+        with writing(tmp / META_FILE), open(tmp / META_FILE, "wb") as f:
             write_bytes(f, (json.dumps(meta, indent=2) + "\n").encode())
         _replace_dir(tmp, out_dir)
     except BaseException as err:
