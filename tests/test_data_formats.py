@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 
-from calm.data import DataError, TokenShards, prepare, read_documents, resolve_inputs
+from calm.data import DataError, prepare, read_documents, resolve_inputs
 from calm.tokenizer import Tokenizer
 
 pa = pytest.importorskip("pyarrow")
