@@ -378,8 +378,12 @@ def load_model(
     Also accepts the authors' released layout (delegated to `calm.official.load_official`);
     ``ae_path`` is then the autoencoder directory of a released CALM model that neither holds a
     copy of it nor has it beside it. Our own CALM checkpoints always carry their autoencoder.
+    ``path`` and ``ae_path`` may also be Hugging Face repo ids in the local cache (`calm.hub`).
     """
-    path = Path(path)
+    from calm.hub import resolve_model_path
+
+    path = resolve_model_path(path)
+    ae_path = resolve_model_path(ae_path) if ae_path is not None else None
     if path.is_dir() and not (path / COMPLETE_FILE).exists() and _looks_official(path):
         try:
             from calm.official import load_official

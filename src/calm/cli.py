@@ -50,8 +50,8 @@ def add_official_ae_argument(parser) -> None:
         "--ae",
         metavar="DIR",
         default=None,
-        help="autoencoder directory for an official CALM release that holds no copy of it "
-        "(our CALM checkpoints carry theirs)",
+        help="autoencoder directory (or Hub repo id in the local cache) for an official CALM release "
+        "that holds no copy of it (our CALM checkpoints carry theirs)",
     )
 
 

@@ -492,7 +492,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "model",
         metavar="MODEL_DIR",
-        help="checkpoint directory (CALM, token baseline or autoencoder; ours or the authors' layout)",
+        help="checkpoint directory (CALM, token baseline or autoencoder; ours or the authors' layout), "
+        "or a Hugging Face repo id in the local cache (e.g. cccczshao/CALM-M)",
     )
     parser.add_argument(
         "--data",
@@ -620,8 +621,9 @@ def format_result(result: dict[str, Any]) -> str:
 def run_eval(args: argparse.Namespace) -> int:
     """`calm eval`: returns the exit status (bad input raises ValueError with a readable message)."""
     from calm.checkpoint import load_model
+    from calm.hub import resolve_model_path
 
-    path = Path(args.model)
+    path = resolve_model_path(args.model)  # a directory, or a Hub repo id in the local cache
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     for p in args.data:
