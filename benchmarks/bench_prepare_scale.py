@@ -131,24 +131,25 @@ def build_corpus(data: Path, out: Path, gb: float, sample_mb: float, seed: int) 
 
 
 def _tree_rss_kib(pid: int) -> int:
-    """Resident KiB of ``pid`` and all its descendants (from /proc)."""
+    """Resident KiB of ``pid`` and all its descendants (parents from ``/proc/N/stat``)."""
+    page_kib = os.sysconf("SC_PAGE_SIZE") // 1024
     children: dict[int, list[int]] = {}
-    rss: dict[int, int] = {}
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/status") as f:
-                fields = dict(line.split(":", 1) for line in f if ":" in line)
-        except OSError:
-            continue
-        p = int(entry)
-        children.setdefault(int(fields.get("PPid", "0").strip() or 0), []).append(p)
-        rss[p] = int(fields.get("VmRSS", "0 kB").split()[0]) if "VmRSS" in fields else 0
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
     total, todo = 0, [pid]
     while todo:
         p = todo.pop()
-        total += rss.get(p, 0)
+        try:
+            with open(f"/proc/{p}/statm") as f:
+                total += int(f.read().split()[1]) * page_kib
+        except OSError:
+            pass
         todo += children.get(p, [])
     return total
 

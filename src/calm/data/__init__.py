@@ -3,11 +3,15 @@
 Modules, one job each:
 
 - `calm.data.text`     decoding lines, splitting plain text into documents, binary detection
+- `calm.data.streams`  plain / gzip / Zstandard byte streams with progress and corruption errors
+- `calm.data.tables`   Parquet, Arrow and datasets `save_to_disk` directories (pyarrow)
+- `calm.data.paths`    file names inside a data set must stay inside it
 - `calm.data.formats`  input formats (txt / JSONL, .gz / .zst, Parquet, Arrow, datasets
                        directories), finding inputs, streaming their documents
 - `calm.data.encode`   documents -> token ids (`tokenizers` batch encoding in worker processes)
 - `calm.data.writer`   numbered token shards of bounded size + document offsets for one split
-- `calm.data.preparation`  `prepare()`: the pipeline, validation split, atomic output directory
+- `calm.data.routing`  which split each document goes to (validation rule, --max-tokens)
+- `calm.data.preparation`  `prepare()`: the pipeline and its atomic output directory
 - `calm.data.shards`   `TokenShards`: a split's shards as one memory-mapped stream; id checks
 - `calm.data.batches`  seeded training batches (`batch_for_step`) and evaluation windows
 - `calm.data.cli`      the `calm prepare` options and summary
@@ -25,9 +29,10 @@ from calm.data.formats import (
     looks_like_wikitext,
     read_documents,
     resolve_inputs,
-    resolve_member,
 )
-from calm.data.preparation import is_val_document, prepare
+from calm.data.paths import resolve_member
+from calm.data.preparation import prepare
+from calm.data.routing import is_val_document
 from calm.data.shards import (
     DEFAULT_SHARD_BYTES,
     FORMAT_NAME,

@@ -34,6 +34,10 @@ def writing(path: str | os.PathLike):
         yield
     except OSError as err:
         if is_disk_full(err):
-            why = "no space left on device" if err.errno == errno.ENOSPC else "no space left (disk quota exceeded)"
+            why = (
+                "no space left on device"
+                if err.errno == errno.ENOSPC
+                else "no space left (disk quota exceeded)"
+            )
             raise DiskFullError(f"{path}: {why}") from None
         raise

@@ -23,25 +23,22 @@ archive, a binary file) raises `DataError` naming the file and the line or row.
 
 from __future__ import annotations
 
-import contextlib
-import gzip
-import io
 import itertools
 import json
 import os
-import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from calm.data.errors import DataError
+from calm.data.paths import resolve_member
+from calm.data.streams import corrupt_types, open_binary, raw_lines, sniff_binary
+from calm.data.tables import HF_STATE, arrow_documents, hf_dataset_files, parquet_documents
 from calm.data.text import (
     BINARY_THRESHOLD,
     DOC_SPLITS,
     SNIFF_BYTES,
     SPLITTERS,
-    binary_fraction,
     decode_lines,
     is_blank,
     wikitext_layout,
@@ -51,11 +48,9 @@ TEXT_SUFFIXES = (".txt",)
 JSON_SUFFIXES = (".jsonl", ".json")
 TABLE_SUFFIXES = (".parquet", ".arrow")
 COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
-HF_STATE, HF_INFO, HF_DICT = "state.json", "dataset_info.json", "dataset_dict.json"
+HF_DICT = "dataset_dict.json"
 VAL_SPLIT_NAMES = ("validation", "valid", "val")
 _NO_ARRAYS = "JSON arrays are not supported; write one JSON object per line (JSONL)"
-_READ_CHUNK = 1 << 20
-_TABLE_ROWS = 1024
 
 
 @dataclass
@@ -124,20 +119,6 @@ def _dict_split(path: Path, role: str) -> Path:
     )
 
 
-def resolve_member(root: Path, name: Any, entry: str) -> Path:
-    """``root / name`` for a file named inside a data set's own JSON; a name that is not a relative
-    path staying inside ``root`` (absolute, ``..``, empty) is an error naming the entry."""
-    if not isinstance(name, str) or not name or "\0" in name:
-        raise DataError(f"{root}: {entry} names {name!r}, not a file name")
-    rel = Path(name)
-    if rel.is_absolute() or rel.drive or ".." in rel.parts or name.startswith(("/", "\\")):
-        raise DataError(
-            f"{root}: {entry} names {name!r}, which is outside the directory; every file a data set "
-            "names must be a relative path inside it"
-        )
-    return root / rel
-
-
 def resolve_inputs(
     inputs: str | os.PathLike | Iterable[str | os.PathLike], role: str = "train"
 ) -> list[Path]:
@@ -194,141 +175,13 @@ def _search(root: Path, role: str) -> list[Path]:
     return sorted(found)
 
 
-# ------------------------------------------------------------------------------- byte streams
-class _CountingReader(io.RawIOBase):
-    """A raw reader that reports the bytes it reads from the file (for the progress bar)."""
-
-    def __init__(self, f, on_bytes: Callable[[int], None] | None):
-        self.f, self.on_bytes = f, on_bytes
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b) -> int:
-        n = self.f.readinto(b)
-        if n and self.on_bytes is not None:
-            self.on_bytes(n)
-        return n
-
-    def close(self) -> None:
-        self.f.close()
-        super().close()
-
-
-class _ZstdReader(io.RawIOBase):
-    """Zstandard decompression of every frame in turn; a frame cut short is an error
-    (``zstandard``'s own stream reader ends silently there)."""
-
-    def __init__(self, raw, path: Path):
-        try:
-            import zstandard
-        except ImportError:
-            raise DataError(
-                f"{path}: reading .zst files needs the zstandard package: pip install 'calm[data]'"
-            ) from None
-        self._dctx, self._error = zstandard.ZstdDecompressor(), zstandard.ZstdError
-        self._raw, self._path = raw, path
-        self._obj = None
-        self._buf, self._pos, self._eof = b"", 0, False
-
-    def readable(self) -> bool:
-        return True
-
-    def _fill(self) -> None:
-        while self._pos >= len(self._buf) and not self._eof:
-            chunk = self._raw.read(_READ_CHUNK)
-            if not chunk:
-                self._eof = True
-                if self._obj is not None:
-                    raise EOFError("the compressed data ends inside a frame (truncated)")
-                return
-            out = []
-            while chunk:
-                if self._obj is None:
-                    self._obj = self._dctx.decompressobj()
-                out.append(self._obj.decompress(chunk))
-                if self._obj.eof:
-                    chunk, self._obj = self._obj.unused_data, None
-                else:
-                    chunk = b""
-            self._buf, self._pos = b"".join(out), 0
-
-    def readinto(self, b) -> int:
-        self._fill()
-        n = min(len(b), len(self._buf) - self._pos)
-        b[:n] = self._buf[self._pos : self._pos + n]
-        self._pos += n
-        return n
-
-    def close(self) -> None:
-        self._raw.close()
-        super().close()
-
-
-@contextlib.contextmanager
-def open_binary(path: Path, compression: str | None, on_bytes: Callable[[int], None] | None = None):
-    """The decompressed bytes of ``path`` as a buffered binary stream."""
-    raw = io.BufferedReader(_CountingReader(open(path, "rb", buffering=0), on_bytes), _READ_CHUNK)
-    try:
-        if compression == "gzip":
-            stream = gzip.GzipFile(fileobj=raw, mode="rb")
-        elif compression == "zstd":
-            stream = io.BufferedReader(_ZstdReader(raw, path), _READ_CHUNK)
-        else:
-            stream = raw
-        yield stream
-    finally:
-        raw.close()
-
-
-_CORRUPT = (EOFError, zlib.error, gzip.BadGzipFile)
-
-
-def _corrupt_types() -> tuple[type[BaseException], ...]:
-    try:
-        import zstandard
-
-        return (*_CORRUPT, zstandard.ZstdError)
-    except ImportError:
-        return _CORRUPT
-
-
-def _raw_lines(path: Path, compression: str | None, on_bytes, counter: list[int]) -> Iterator[bytes]:
-    """Raw lines of a (possibly compressed) file; decompression errors name the file and line."""
-    corrupt = _corrupt_types()
-    with open_binary(path, compression, on_bytes) as stream:
-        try:
-            for line in stream:
-                counter[0] += 1
-                yield line
-        except corrupt as e:
-            raise DataError(
-                f"{path}: corrupt or truncated {compression} data after line {counter[0]} ({e})"
-            ) from None
-
-
-def sniff_binary(path: Path, compression: str | None) -> float:
-    """`binary_fraction` of the first `SNIFF_BYTES` (decompressed) bytes of a file (a decompression
-    error ends the sample early: reading the file for real reports it with its line)."""
-    parts: list[bytes] = []
-    size = 0
-    with contextlib.suppress(*_corrupt_types()), open_binary(path, compression) as stream:
-        while size < SNIFF_BYTES:
-            piece = stream.read(min(1 << 12, SNIFF_BYTES - size))
-            if not piece:
-                break
-            parts.append(piece)
-            size += len(piece)
-    return binary_fraction(b"".join(parts))
-
-
 def looks_like_wikitext(path: str | os.PathLike, max_lines: int = 200) -> bool:
     """Whether a text file (plain or compressed) has WikiText's layout (see `calm.data.text`)."""
     path = Path(path)
     with open_binary(path, input_format(path)[1]) as stream:
         try:
             return wikitext_layout(itertools.islice(stream, max_lines))
-        except _corrupt_types():
+        except corrupt_types():
             return False  # reading it for real gives the error
 
 
@@ -362,134 +215,6 @@ def _json_documents(path: Path, lines: Iterable[str], text_field: str, stats: So
             stats.skipped_empty_documents += 1
             continue
         yield text
-
-
-def _pyarrow(path: Path):
-    try:
-        import pyarrow as pa
-    except ImportError:
-        raise DataError(
-            f"{path}: reading Parquet / Arrow needs the pyarrow package: pip install 'calm[data]'"
-        ) from None
-    return pa
-
-
-def _text_column(pa, schema, path: Path, text_field: str) -> None:
-    if text_field not in schema.names:
-        cols = ", ".join(repr(n) for n in schema.names[:12]) or "none"
-        raise DataError(
-            f"{path}: no {text_field!r} column (columns: {cols}); choose the column with --text-field / text_field="
-        )
-    t = schema.field(text_field).type
-    if pa.types.is_dictionary(t):
-        t = t.value_type
-    is_view = getattr(pa.types, "is_string_view", lambda _t: False)(t)
-    if not (pa.types.is_string(t) or pa.types.is_large_string(t) or is_view):
-        raise DataError(f"{path}: column {text_field!r} holds {t}, not strings")
-
-
-def _table_texts(path: Path, batches: Iterable, text_field: str, stats: SourceStats) -> Iterator[str]:
-    """Documents of record batches holding the text column; null / empty cells are named by row."""
-    row = 0
-    for batch in batches:
-        column = batch.column(batch.schema.get_field_index(text_field))
-        if column.null_count:
-            bad = row + column.is_null().to_pylist().index(True)
-            raise DataError(f"{path}: row {bad} (0-based): {text_field!r} is null, not a string")
-        for text in column.to_pylist():
-            stats.bytes += len(text) if text.isascii() else len(text.encode("utf-8"))
-            row += 1
-            if not text.strip():
-                stats.skipped_empty_documents += 1
-                continue
-            yield text
-
-
-def _parquet_documents(path: Path, text_field: str, stats: SourceStats, on_bytes) -> Iterator[str]:
-    pa = _pyarrow(path)
-    import pyarrow.parquet as pq
-
-    try:
-        pf = pq.ParquetFile(path)
-    except (pa.ArrowException, OSError) as e:
-        raise DataError(f"{path}: not a readable Parquet file ({e})") from None
-    _text_column(pa, pf.schema_arrow, path, text_field)
-    total_rows, done, reported = max(1, pf.metadata.num_rows), 0, 0
-
-    def batches():
-        nonlocal done, reported
-        it = pf.iter_batches(batch_size=_TABLE_ROWS, columns=[text_field])
-        while True:
-            try:
-                batch = next(it)
-            except StopIteration:
-                return
-            except (pa.ArrowException, OSError) as e:
-                raise DataError(f"{path}: corrupt Parquet data after row {done} ({e})") from None
-            yield batch
-            done += batch.num_rows
-            if on_bytes is not None:
-                now = stats.file_bytes * done // total_rows
-                on_bytes(now - reported)
-                reported = now
-
-    yield from _table_texts(path, batches(), text_field, stats)
-
-
-def _arrow_documents(path: Path, text_field: str, stats: SourceStats, on_bytes) -> Iterator[str]:
-    """An Arrow IPC stream (what ``datasets`` writes) or IPC file, batch by batch, memory-mapped."""
-    pa = _pyarrow(path)
-    source = pa.memory_map(str(path))
-    try:
-        try:
-            reader = pa.ipc.open_stream(source)
-            schema, stream = reader.schema, True
-        except pa.ArrowInvalid:
-            source.seek(0)
-            reader = pa.ipc.open_file(source)
-            schema, stream = reader.schema, False
-    except (pa.ArrowException, OSError) as e:
-        source.close()
-        raise DataError(f"{path}: not a readable Arrow file ({e})") from None
-    rows = 0
-
-    def batches():
-        nonlocal rows
-        reported = 0
-        indices = itertools.count() if stream else iter(range(reader.num_record_batches))
-        for i in indices:
-            try:
-                batch = reader.read_next_batch() if stream else reader.get_batch(i)
-            except StopIteration:
-                return
-            except (pa.ArrowException, OSError) as e:
-                raise DataError(f"{path}: corrupt or truncated Arrow data after row {rows} ({e})") from None
-            rows += batch.num_rows
-            yield batch
-            if on_bytes is not None:
-                pos = source.tell()
-                on_bytes(pos - reported)
-                reported = pos
-
-    try:
-        _text_column(pa, schema, path, text_field)
-        yield from _table_texts(path, batches(), text_field, stats)
-    finally:
-        source.close()
-
-
-def hf_dataset_files(path: Path) -> list[Path]:
-    """The ``.arrow`` shards of a ``save_to_disk`` directory, in the order ``state.json`` lists them."""
-    try:
-        state = json.loads((path / HF_STATE).read_text())
-        names = [f["filename"] for f in state["_data_files"]]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise DataError(f"{path / HF_STATE}: not a datasets state file ({type(e).__name__}: {e})") from None
-    files = [resolve_member(path, n, f"{HF_STATE} _data_files[{i}]") for i, n in enumerate(names)]
-    for f in files:
-        if not f.is_file():
-            raise DataError(f"{path}: {f.name} (listed in {HF_STATE}) is missing")
-    return files
 
 
 def input_bytes(path: Path) -> int:
@@ -530,14 +255,14 @@ def read_documents(
         files = hf_dataset_files(path)
         stats.file_bytes = sum(f.stat().st_size for f in files)
         for f in files:
-            yield from _arrow_documents(f, text_field, stats, on_bytes)
+            yield from arrow_documents(f, text_field, stats, on_bytes)
         return
     stats.file_bytes = path.stat().st_size
     if fmt == "parquet":
-        yield from _parquet_documents(path, text_field, stats, on_bytes)
+        yield from parquet_documents(path, text_field, stats, on_bytes)
         return
     if fmt == "arrow":
-        yield from _arrow_documents(path, text_field, stats, on_bytes)
+        yield from arrow_documents(path, text_field, stats, on_bytes)
         return
     if not allow_binary and stats.file_bytes:
         share = sniff_binary(path, compression)
@@ -548,7 +273,7 @@ def read_documents(
                 "pass --allow-binary / allow_binary=True to read it anyway"
             )
     counter = [0]
-    lines = decode_lines(_raw_lines(path, compression, on_bytes, counter), stats)
+    lines = decode_lines(raw_lines(path, compression, on_bytes, counter), stats)
     if fmt == "jsonl":
         yield from _json_documents(path, lines, text_field, stats)
         return

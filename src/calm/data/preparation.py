@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import os
 import secrets
 import shutil
@@ -36,11 +35,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from calm.data.encode import BATCH_CHARS, Encoder, default_workers, text_batches, token_dtype
 from calm.data.errors import DataError, DataWarning, DiskFullError, is_disk_full, writing
 from calm.data.formats import SourceStats, input_bytes, read_documents, resolve_inputs
+from calm.data.routing import Router, training_docs
 from calm.data.shards import DEFAULT_SHARD_BYTES, FORMAT_NAME, FORMAT_VERSION, META_FILE, SPLITS
 from calm.data.text import DOC_SPLITS
 from calm.data.writer import ShardWriter, write_bytes
@@ -53,13 +51,6 @@ class _ReadState:
 
     on_bytes: Callable[[int], None] | None = None
     stats: list[SourceStats] = field(default_factory=list)
-
-
-def is_val_document(index: int, val_fraction: float) -> bool:
-    """Deterministic validation pick: every 1/f-th document (see module docstring)."""
-    if val_fraction <= 0:
-        return False
-    return math.floor((index + 1) * val_fraction) > math.floor(index * val_fraction)
 
 
 def _iter_sources(
@@ -94,79 +85,6 @@ def _iter_sources(
                 DataWarning,
                 stacklevel=2,
             )
-
-
-class _Router:
-    """Sends each tokenized document to its split, in order.
-
-    Training-input documents go to validation by :func:`is_val_document`. The last training
-    document is held back until the next one arrives so that, if the fraction picked nothing,
-    it can become the validation set instead. Once the training split holds ``max_tokens``,
-    further training-input documents are dropped (``full``).
-    """
-
-    def __init__(self, writers: dict[str, ShardWriter], val_fraction: float, max_tokens: int | None):
-        self.writers = writers
-        self.val_fraction = val_fraction
-        self.max_tokens = max_tokens
-        self.index = 0  # over training-input documents
-        self.train_tokens = 0
-        self.full = False
-        self.held: tuple[np.ndarray, np.ndarray] | None = None
-        self.picked = 0
-
-    def route(self, flat: np.ndarray, lengths: np.ndarray, tags: list[str]) -> None:
-        ends = np.cumsum(lengths)
-        starts = ends - lengths
-        dest: list[str | None] = []
-        for k, source in enumerate(tags):  # "train": a training input document, "val": a --val one
-            if source != "train":
-                dest.append("val")
-                continue
-            if self.full:
-                dest.append(None)
-                continue
-            if is_val_document(self.index, self.val_fraction):
-                dest.append("val")
-                self.picked += 1
-            else:
-                dest.append("train")
-                self.train_tokens += int(lengths[k])
-                if self.max_tokens is not None and self.train_tokens >= self.max_tokens:
-                    self.full = True
-            self.index += 1
-        # Runs of consecutive documents with the same destination are written in one go.
-        i, n = 0, len(dest)
-        while i < n:
-            j = i
-            while j < n and dest[j] == dest[i]:
-                j += 1
-            chunk = flat[starts[i] : ends[j - 1]]
-            if dest[i] == "train":
-                self._flush_held()
-                # hold the run's last document back
-                self.writers["train"].write(chunk[: starts[j - 1] - starts[i]], lengths[i : j - 1])
-                self.held = (flat[starts[j - 1] : ends[j - 1]], lengths[j - 1 : j])
-            elif dest[i] == "val":
-                self.writers["val"].write(chunk, lengths[i:j])
-            i = j
-
-    def _flush_held(self) -> None:
-        if self.held is not None:
-            self.writers["train"].write(*self.held)
-            self.held = None
-
-    def finish(self) -> None:
-        if (
-            self.held is not None
-            and self.val_fraction > 0
-            and self.picked == 0
-            and self.writers["val"].documents == 0
-            and self.writers["train"].documents >= 1
-        ):
-            self.writers["val"].write(*self.held)
-            self.held = None
-        self._flush_held()
 
 
 def _empty_message(files: Sequence[Path], stats: Sequence[SourceStats], what: str = "") -> str:
@@ -231,17 +149,6 @@ class _Counter:
             yield x
 
 
-def _training_docs(docs: Iterable[str], val_fraction: float, max_chars: int | None) -> Iterator[str]:
-    used = 0
-    for i, doc in enumerate(docs):
-        if is_val_document(i, val_fraction):
-            continue
-        yield doc
-        used += len(doc)
-        if max_chars is not None and used >= max_chars:
-            return
-
-
 def _get_tokenizer(
     tokenizer, train_files, *, vocab_size, val_fraction, tokenizer_train_bytes, read_opts, progress
 ):
@@ -252,7 +159,7 @@ def _get_tokenizer(
         budget = train_bytes if tokenizer_train_bytes is None else min(train_bytes, tokenizer_train_bytes)
         with _bar(progress, budget, "train BPE") as bar:
             state = _ReadState(on_bytes=bar.update)
-            docs = _training_docs(
+            docs = training_docs(
                 _iter_sources(train_files, "train", read_opts=read_opts, state=state, warn=False),
                 val_fraction,
                 tokenizer_train_bytes,
@@ -370,7 +277,7 @@ def prepare(
     try:
         writers = {s: ShardWriter(tmp, s, dtype, shard_tokens) for s in SPLITS}
         encoder = Encoder(tok, dtype, workers)
-        router = _Router(writers, use_val_fraction, max_tokens)
+        router = Router(writers, use_val_fraction, max_tokens)
         with _bar(progress, total_bytes, "tokenize") as bar:
             state.on_bytes = bar.update
             train_docs = _iter_sources(

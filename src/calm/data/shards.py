@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from calm.data.errors import DataError
-from calm.data.formats import resolve_member
+from calm.data.paths import resolve_member
 from calm.tokenizer import Tokenizer
 
 FORMAT_NAME = "calm-tokens"
