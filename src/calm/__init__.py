@@ -8,7 +8,8 @@ __version__ = "0.1.0"
 
 
 def load(path, device=None, dtype=None):
-    """Load the model in checkpoint directory `path` (ours, or the authors' released layout)."""
+    """Load the model in checkpoint directory `path` (ours, or the authors' released layout), or of
+    a Hugging Face repo id such as ``"cccczshao/CALM-M"`` taken from the local Hub cache (`calm.hub`)."""
     from calm.checkpoint import load_model
 
     return load_model(path, device=device, dtype=dtype)
