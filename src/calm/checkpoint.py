@@ -380,10 +380,11 @@ def load_model(
     copy of it nor has it beside it. Our own CALM checkpoints always carry their autoencoder.
     ``path`` and ``ae_path`` may also be Hugging Face repo ids in the local cache (`calm.hub`).
     """
-    from calm.hub import resolve_model_path
+    from calm.hub import is_hub_name, resolve_model_path
 
     path = resolve_model_path(path)
-    ae_path = resolve_model_path(ae_path) if ae_path is not None else None
+    if ae_path is not None and is_hub_name(ae_path):
+        ae_path = resolve_model_path(ae_path)
     if path.is_dir() and not (path / COMPLETE_FILE).exists() and _looks_official(path):
         try:
             from calm.official import load_official

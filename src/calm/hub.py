@@ -68,6 +68,11 @@ def cached_snapshot(repo_id: str, revision: str | None = None) -> Path:
     return Path(path)
 
 
+def is_hub_name(name: str | os.PathLike) -> bool:
+    """``name`` is not an existing path and is spelled like a repo id (so it is looked up)."""
+    return not Path(name).exists() and parse_repo_id(name) is not None
+
+
 def resolve_model_path(name: str | os.PathLike) -> Path:
     """A checkpoint directory: ``name`` itself when it exists (or is not spelled like a repo id),
     else the cached snapshot of the repo id ``name``."""
