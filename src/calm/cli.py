@@ -16,7 +16,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "prepare": (
         "calm.data",
         "prepare",
-        "text/JSONL files -> tokenizer (train BPE or load tokenizer.json) -> token shards",
+        "text/JSONL (plain, .gz, .zst), Parquet, Arrow, datasets dirs -> tokenizer (train BPE or load "
+        "tokenizer.json) -> token shards",
     ),
     "train-ae": ("calm.train", "train_ae", "train the chunk autoencoder (stage 1)"),
     "train": (
