@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from calm.checkpoint import load_model
-from calm.config import ARConfig, CALMConfig, TrainConfig
+from calm.config import ARConfig, CALMConfig, TrainConfig, apply_overrides
 from calm.evaluate import evaluate_model, load_eval_tokens
 from calm.flops import flops_report
 from calm.models.ar import TokenTransformer
@@ -42,9 +42,32 @@ from calm.report import plot_brier_vs_flops
 from calm.train import PreparedData, build_calm_from_autoencoder, train
 
 BACKBONES = {
+    "small": dict(d_model=128, num_layers=4, num_heads=4, ffn_dim=344),
     "cpu": dict(d_model=256, num_layers=4, num_heads=4, ffn_dim=688),
     "gpu": dict(d_model=768, num_layers=12, num_heads=12, ffn_dim=2048),
 }
+
+
+@torch.no_grad()
+def energy_metrics(model, windows: torch.Tensor, seed: int, batch: int = 16) -> dict:
+    """CALM's validation energy loss with its oracle and context-free references and the fraction
+    of the gap between the two that it closes (`CALM.derived_metrics`), on fixed windows/noise."""
+    model.eval()
+    device = next(model.parameters()).device
+    sums: dict[str, float] = {}
+    with torch.random.fork_rng():
+        torch.manual_seed(seed + 1)
+        for part in windows.split(batch):
+            _, metrics = model.loss(part.to(device))
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * len(part)
+    means = {k: v / len(windows) for k, v in sums.items()}
+    means.update(model.derived_metrics(means))
+    return {
+        f"val_{k}": means[k]
+        for k in ("energy", "oracle_energy", "context_free_energy", "gap_closed")
+        if k in means
+    }
 
 
 def main(argv=None) -> int:
@@ -63,6 +86,22 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16"))
     p.add_argument("--models", default="calm,ar")
+    p.add_argument(
+        "--calm-set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="overrides of the CALM config (e.g. head_init=xavier aux_token_weight=1)",
+    )
+    p.add_argument(
+        "--train-set", nargs="+", default=[], metavar="KEY=VALUE", help="overrides of the TrainConfig (both)"
+    )
+    p.add_argument(
+        "--energy-windows",
+        type=int,
+        default=64,
+        help="validation windows for CALM's energy loss and its gap to the oracle / context-free references",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench_out/matched")
     args = p.parse_args(argv)
@@ -75,16 +114,20 @@ def main(argv=None) -> int:
     tok = data.tokenizer()
     ae = load_model(args.ae)
     val_tokens, _ = load_eval_tokens([args.data], tok, split="val", max_tokens=args.eval_tokens)
+    energy_windows = data.val_windows(args.block_size, args.energy_windows)
     bb = BACKBONES[args.backbone]
     K = ae.config.chunk_size
     configs = {
-        "calm": CALMConfig(
-            **bb,
-            vocab_size=tok.vocab_size,
-            chunk_size=K,
-            latent_dim=ae.config.latent_dim,
-            max_seq_len=args.block_size // K,
-            autoencoder=ae.config.to_dict(),
+        "calm": apply_overrides(
+            CALMConfig(
+                **bb,
+                vocab_size=tok.vocab_size,
+                chunk_size=K,
+                latent_dim=ae.config.latent_dim,
+                max_seq_len=args.block_size // K,
+                autoencoder=ae.config.to_dict(),
+            ),
+            args.calm_set,
         ),
         "ar": ARConfig(**bb, vocab_size=tok.vocab_size, max_seq_len=args.block_size),
     }
@@ -119,18 +162,21 @@ def main(argv=None) -> int:
             if any(r["budget"] == budget for r in rows):
                 continue
             if steps > done:
-                tc = TrainConfig(
-                    steps=steps,
-                    batch_size=args.batch_size,
-                    block_size=args.block_size,
-                    lr=args.lr,
-                    warmup_steps=args.warmup,
-                    schedule="constant",
-                    eval_every=10**9,
-                    save_every=10**9,
-                    log_every=50,
-                    seed=args.seed,
-                    dtype=args.dtype,
+                tc = apply_overrides(
+                    TrainConfig(
+                        steps=steps,
+                        batch_size=args.batch_size,
+                        block_size=args.block_size,
+                        lr=args.lr,
+                        warmup_steps=args.warmup,
+                        schedule="constant",
+                        eval_every=10**9,
+                        save_every=10**9,
+                        log_every=50,
+                        seed=args.seed,
+                        dtype=args.dtype,
+                    ),
+                    args.train_set,
                 )
                 t0 = time.perf_counter()
                 train(
@@ -149,6 +195,7 @@ def main(argv=None) -> int:
                 **{k: score[k] for k in ("brier_lm", "brier_1", "brier_2", "brier_3", "brier_4")},
                 "brier_lm_ci": score.get("brier_lm_ci"),
                 "ce": score.get("ce"),
+                **(energy_metrics(model, energy_windows, args.seed) if name == "calm" else {}),
             }
             rows.append(row)
             print(json.dumps({"model": name, **row}), flush=True)

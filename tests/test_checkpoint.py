@@ -321,3 +321,132 @@ def test_tokenizer_saved_and_attached(tmp_path):
     assert loaded.tokenizer is not None and loaded.tokenizer.vocab_size == tok.vocab_size
     assert loaded.tokenizer.encode("hello") == tok.encode("hello")
     assert load_model(save_checkpoint(tmp_path / "bare", model)).tokenizer is None
+
+
+# ------------------------------------------------------------------------------ integrity (issue 16)
+
+
+def _flip_byte_at_end(file):
+    """Change one byte of the last tensor's data, keeping the file size."""
+    data = bytearray(file.read_bytes())
+    data[-3] ^= 0x40
+    file.write_bytes(bytes(data))
+
+
+def test_same_size_corruption_is_caught_by_the_hash_and_no_verify_skips_it(tmp_path):
+    path = save_checkpoint(tmp_path / "ae", tiny_ae())
+    marker = json.loads((path / COMPLETE_FILE).read_text())
+    import hashlib
+
+    digest = hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()
+    assert marker["sha256"] == {"model.safetensors": digest}  # what `sha256sum` prints
+    _flip_byte_at_end(path / "model.safetensors")
+    with pytest.raises(CheckpointError, match="model.safetensors does not have the content that was saved"):
+        load_model(path)
+    load_model(path, verify=False)  # the user's choice: loads the (damaged) weights
+
+
+def test_train_state_corruption_is_caught(tmp_path):
+    path = save_checkpoint(tmp_path / "ck", tiny_ae(), train_state={"step": 3, "x": torch.arange(1000.0)})
+    _flip_byte_at_end(path / "train_state.pt")
+    with pytest.raises(CheckpointError, match="train_state.pt does not have the content"):
+        load_train_state(path)
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", "\xff\xfe garbage"])
+def test_complete_marker_that_is_not_json_is_corruption(tmp_path, text):
+    path = save_checkpoint(tmp_path / "ae", tiny_ae())
+    (path / COMPLETE_FILE).write_bytes(text.encode("latin-1"))
+    with pytest.raises(CheckpointError, match="COMPLETE is corrupted"):
+        load_model(path)
+
+
+def test_marker_entries_cannot_point_outside(tmp_path):
+    path = save_checkpoint(tmp_path / "ae", tiny_ae())
+    marker = json.loads((path / COMPLETE_FILE).read_text())
+    marker["sizes"]["../../../../etc/passwd"] = 1
+    (path / COMPLETE_FILE).write_text(json.dumps(marker))
+    load_model(path)  # only the files a checkpoint has are checked; foreign entries are never opened
+
+
+def test_nonfinite_weights_are_an_error_naming_the_tensor(tmp_path):
+    model = tiny_ae()
+    with torch.no_grad():
+        model.squeeze.weight[0, 0] = float("nan")
+        model.to_latent.bias[1] = float("inf")
+    path = save_checkpoint(tmp_path / "ae", model)
+    with pytest.raises(CheckpointError, match=r"squeeze.weight, to_latent.bias hold NaN or infinite"):
+        load_model(path)
+    assert torch.isnan(load_model(path, verify=False).squeeze.weight[0, 0])
+
+
+def test_weights_file_has_the_mode_of_the_other_files(tmp_path):
+    path = save_checkpoint(tmp_path / "ae", tiny_ae(), train_state={"step": 1})
+    modes = {p.name: p.stat().st_mode & 0o777 for p in path.iterdir()}
+    assert modes["model.safetensors"] == modes["config.json"] == modes["train_state.pt"], modes
+
+
+def test_disk_full_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    # The exceptions are the ones a real full tmpfs gave: safetensors' Rust error, and torch.save's
+    # zip-writer check (it does not say why; the free space left decides).
+    import shutil
+
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    old = tiny_ae(seed=1)
+    save_checkpoint(tmp_path / "ck", old)
+
+    def full_safetensors(*a, **k):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    with monkeypatch.context() as m:
+        m.setattr(safetensors.torch, "save_model", full_safetensors)
+        with pytest.raises(CheckpointError, match=r"cannot write checkpoint .*ck: no space left.*previous checkpoint .* is intact"):
+            save_checkpoint(tmp_path / "ck", tiny_ae(seed=2))
+
+    def full_torch_save(*a, **k):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    usage = shutil.disk_usage(tmp_path)
+    with monkeypatch.context() as m:
+        m.setattr(torch, "save", full_torch_save)
+        m.setattr(shutil, "disk_usage", lambda p: usage._replace(free=4096))
+        with pytest.raises(CheckpointError, match="no space left"):
+            save_checkpoint(tmp_path / "ck", tiny_ae(seed=2), train_state={"step": 1})
+    assert torch.equal(load_model(tmp_path / "ck").embed.weight, old.embed.weight)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+    with monkeypatch.context() as m:  # with space left, torch's error is passed on as it is
+        m.setattr(torch, "save", full_torch_save)
+        with pytest.raises(RuntimeError, match="unexpected pos"):
+            save_checkpoint(tmp_path / "ck", tiny_ae(seed=2), train_state={"step": 1})
+
+
+def _edit_config(path, **changes):
+    meta = json.loads((path / "config.json").read_text())
+    for k, v in changes.items():
+        if v is None:
+            del meta["config"][k]
+        else:
+            meta["config"][k] = v
+    (path / "config.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("field,value", [("num_layers", "2"), ("vocab_size", "64"), ("kl_weight", True)])
+def test_config_value_of_the_wrong_type_names_the_field(tmp_path, field, value):
+    path = save_checkpoint(tmp_path / "ae", tiny_ae())
+    _edit_config(path, **{field: value})
+    with pytest.raises(CheckpointError, match=f"field {field} must be"):
+        load_model(path)
+
+
+def test_config_field_removed_is_named_not_a_shape_dump(tmp_path):
+    path = save_checkpoint(tmp_path / "ae", tiny_ae())
+    _edit_config(path, d_model=None)
+    with pytest.raises(CheckpointError, match=r"has no field\(s\) d_model; the default\(s\) d_model=512") as err:
+        load_model(path)
+    assert len(str(err.value)) < 1000 and "more" in str(err.value)
+    path = save_checkpoint(tmp_path / "ok", tiny_ae())
+    _edit_config(path, kl_clamp=None)  # a field that does not change shapes: loads, with a warning
+    with pytest.warns(UserWarning, match=r"no field\(s\) kl_clamp"):
+        load_model(path)

@@ -118,3 +118,39 @@ def test_distributed_resume_after_kill_is_exact(tmp_path, strategy="fsdp"):
         assert torch.equal(a[k], b[k]), k
     strip = lambda rs: [{k: v for k, v in r.items() if k not in ("elapsed_s", "tokens_per_s")} for r in rs]  # noqa: E731
     assert strip(read_metrics(tmp_path / "full")) == strip(read_metrics(tmp_path / "run"))
+
+
+STOP_SCRIPT = """
+import os, signal, sys, torch
+sys.path.insert(0, {tests!r})
+torch.set_num_threads(1)
+from test_train import MemoryData, TinyLM, cfg
+from calm.train import train
+
+class SignalOnRank1(MemoryData):
+    def train_batch(self, step, batch_size, block_size, seed, rank, world_size):
+        if rank == 1 and step == 2:  # only rank 1 is told to stop, during step index 2
+            os.kill(os.getpid(), signal.SIGTERM)
+        return super().train_batch(step, batch_size, block_size, seed, rank, world_size)
+
+torch.manual_seed(0)
+train(TinyLM(), cfg(steps=8, save_every=100, eval_every=0), SignalOnRank1(), sys.argv[1], quiet=True, device="cpu")
+"""
+
+
+@pytest.mark.slow
+def test_a_signal_on_one_rank_stops_every_rank_after_the_same_step(tmp_path):
+    script = tmp_path / "stop.py"
+    script.write_text(STOP_SCRIPT.format(tests=str(TESTS)))
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         str(script), str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out  # the workers exit by the signal's code, torchrun reports it
+    assert "stopped by SIGTERM after step 3" in out, out
+    from calm.checkpoint import load_train_state
+
+    assert load_train_state(tmp_path / "run" / "checkpoint")["step"] == 3  # rank 0 saved that step
+    assert max(r["step"] for r in read_metrics(tmp_path / "run")) == 3

@@ -284,7 +284,7 @@ def test_cli_autoencoder_reconstruction(capsys, checkpoints, data_files):
 
 def test_cli_errors(capsys, checkpoints, data_files, tmp_path):
     code, _, err = _cli(capsys, tmp_path / "nope", "--data", data_files["text"])
-    assert code == 2 and "not found" in err
+    assert code == 2 and "nope does not exist" in err  # load_model's message, as in calm generate
     code, _, err = _cli(capsys, checkpoints["ar"], "--data", tmp_path / "missing.txt")
     assert code == 2 and "not found" in err and "missing.txt" in err
     code, _, err = _cli(capsys, checkpoints["ar"], "--data", data_files["text"], "--block-size", "1000")
@@ -335,3 +335,37 @@ def test_brier_eval_fn_logs_brier_lm_during_training(tmp_path, tok, data_files):
     # The hook is deterministic for fixed weights (same seed each call).
     model = _ar(tok)
     assert eval_fn(model, 0) == eval_fn(model, 1)
+
+
+# ------------------------------------------------------------------------- one loading rule (issue 16)
+def test_cli_follows_the_old_copy_an_interrupted_save_leaves(capsys, checkpoints, data_files, tmp_path):
+    import shutil
+
+    crashed = tmp_path / "ar"  # a crash between a save's two renames leaves only .ar.old-<pid>-<hex>
+    shutil.copytree(checkpoints["ar"], tmp_path / ".ar.old-12345-abcd")
+    args = ["--data", data_files["text"], "--block-size", "32", "--max-tokens", "64", "--json"]
+    with pytest.warns(UserWarning, match="a save was interrupted"):
+        code, out, err = _cli(capsys, crashed, *args)
+    assert code == 0, err
+    assert json.loads(out)["kind"] == "ar"
+
+
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_cli_batch_size_must_be_positive(capsys, checkpoints, data_files, value):
+    code, _, err = _cli(capsys, checkpoints["ar"], "--data", data_files["text"], "--batch-size", value)
+    assert code == 2 and f"--batch-size must be >= 1, got {value}" in err
+
+
+def test_cli_verifies_weights_unless_no_verify(capsys, checkpoints, data_files, tmp_path):
+    import shutil
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(checkpoints["ar"], damaged)
+    data = bytearray((damaged / "model.safetensors").read_bytes())
+    data[-5] ^= 0x01  # same size, other content
+    (damaged / "model.safetensors").write_bytes(bytes(data))
+    args = ["--data", data_files["text"], "--block-size", "32", "--max-tokens", "64", "--json"]
+    code, _, err = _cli(capsys, damaged, *args)
+    assert code == 2 and "does not have the content that was saved" in err
+    code, out, err = _cli(capsys, damaged, *args, "--no-verify")
+    assert code == 0, err

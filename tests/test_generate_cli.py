@@ -79,7 +79,7 @@ def test_exact_sampler_and_bf16_decoding_options(checkpoints, capsys):
     base = [str(checkpoints["calm"]), "-p", "the cat", "-n", "8", "--seed", "0", "--json", "--ignore-eos"]
     for extra in (
         ["--sampler", "exact", "-t", "0.5", "--max-draws", "64"],
-        ["-t", "0.5", "--decode-dtype", "bfloat16"],
+        ["-t", "0.5", "--dtype", "bfloat16"],
     ):
         code, out, _ = _run([*base, *extra], capsys)
         assert code == 0 and json.loads(out)["new_tokens"] == [8]
@@ -115,6 +115,7 @@ def test_prompt_file_and_multiple_prompts(checkpoints, tmp_path, capsys):
         (["-p", "the cat", "--max-new-tokens", "0"], "max_new_tokens"),
         (["-p", "the " * 400], "longer than the model's context"),
         (["--prompt-file", "/nonexistent/prompts.txt"], "prompt file not found"),
+        (["--prompt-file", "/"], "--prompt-file / is a directory"),
         (["-p", "the cat", "-t", "0.5", "--max-draws", "0"], "max_draws must be an integer >= 1"),
         (["-p", "the cat", "-t", "0.5", "--num-samples", "0"], "num_candidates must be an integer >= 1"),
     ],

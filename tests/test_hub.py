@@ -149,3 +149,30 @@ def test_our_checkpoint_by_repo_id(cache, tmp_path):
     loaded = calm.load("someone/tiny-ar")
     for (k, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
         assert a.equal(b), k
+
+
+def test_a_missing_run_dir_with_an_old_copy_is_not_taken_for_a_repo_id(cache, tmp_path, monkeypatch):
+    import torch
+
+    from calm.checkpoint import save_checkpoint
+    from calm.config import ARConfig
+    from calm.models.ar import TokenTransformer
+
+    monkeypatch.chdir(tmp_path)
+    model = TokenTransformer(
+        ARConfig(vocab_size=64, d_model=16, num_layers=1, num_heads=2, ffn_dim=32, max_seq_len=32)
+    )
+    save_checkpoint(tmp_path / "runs" / "ck", model)
+    (tmp_path / "runs" / "ck").rename(
+        tmp_path / "runs" / ".ck.old-123-abc"
+    )  # a save interrupted between renames
+    with pytest.warns(UserWarning, match="complete previous version"):
+        loaded = calm.load("runs/ck")  # spelled like a repo id, but its .old copy is here
+    assert torch.equal(
+        loaded.state_dict()["embed.weight"]
+        if "embed.weight" in loaded.state_dict()
+        else next(iter(loaded.state_dict().values())),
+        next(iter(model.state_dict().values())),
+    )
+    with pytest.raises(FileNotFoundError, match=r"runs/nothing not found: no such directory"):
+        calm.load("runs/nothing")

@@ -851,3 +851,55 @@ def test_load_model_refuses_ae_path_for_our_own_checkpoints(release, tmp_path):
     ours = save_checkpoint(tmp_path / "ae", ChunkAutoencoder(calm.config.preset("ae-tiny")))
     with pytest.raises(CheckpointError, match="only for the authors' released CALM models"):
         load_model(ours, ae_path=release["ae_dir"])
+
+
+# ------------------------------------------------------------------------------------------
+# Names inside a release stay inside it; special ids come from its configs (issue 16)
+
+
+@pytest.mark.parametrize("fmt", ["bin", "safetensors"])
+@pytest.mark.parametrize("bad", ["/etc/passwd", "../outside.bin", "sub/../../outside.bin"])
+def test_shard_index_entries_must_stay_in_the_directory(release, tmp_path, fmt, bad):
+    d = tmp_path / "rel" / "ae"
+    writer = write_bin if fmt == "bin" else write_safetensors
+    writer(d, official_ae_config(release["v"], release["vocab"]), release["ae"], shards=2)
+    index = d / ("pytorch_model.bin.index.json" if fmt == "bin" else "model.safetensors.index.json")
+    meta = json.loads(index.read_text())
+    key = sorted(meta["weight_map"])[0]
+    shard = d / meta["weight_map"][key]
+    if not bad.startswith("/"):  # make the escaping name a real, loadable file outside
+        shutil.copy(shard, d.parent / "outside.bin")
+    meta["weight_map"][key] = bad
+    index.write_text(json.dumps(meta))
+    with pytest.raises(OfficialFormatError, match=re.escape(f"weight_map entry {key!r}: {bad!r}")):
+        load_official(d)
+
+
+def test_ae_path_ending_in_dotdot_selects_nothing_above_the_release(release, tmp_path):
+    # an autoencoder that ".." would reach: the directory above the release's parent
+    write_bin(tmp_path, official_ae_config(release["v"], release["vocab"]), release["ae"])
+    d = tmp_path / "downloads" / "CALM-M"
+    cfg = official_calm_config(release["v"], release["vocab"]) | {"ae_path": "/mnt/authors/.."}
+    write_bin(d, cfg, release["calm"])
+    with pytest.raises(OfficialFormatError, match=r"ae_path '/mnt/authors/\.\.' does not end in a directory name"):
+        load_official(d)
+    model = load_official(d, ae_path=tmp_path)  # naming it explicitly is the user's choice
+    assert model.official_load_report.autoencoder_source == str(tmp_path)
+
+
+def test_special_ids_come_from_the_configs_however_the_autoencoder_is_found(release, tmp_path):
+    v = release["v"]
+    eot, pad = v + 1, v + len(SPECIALS)  # <|end_of_text|> and [PAD] in the release's configs
+    raw = official_calm_state(release["vocab"], head_copies=("generative_head.",))
+    raw.update({"ae_model." + k: t for k, t in release["ae"].items() if k != "decoder.lm_head_weight"})
+    embedded = tmp_path / "embedded" / "CALM-M"  # no tokenizer.json anywhere: the configs decide
+    write_safetensors(embedded, official_calm_config(v, release["vocab"]), raw)
+    notes = []
+    for kwargs in ({}, {"ae_path": release["ae_dir"]}):
+        model = load_official(embedded, **kwargs)
+        assert (model.tokenizer is None) == (not kwargs)  # with ae_path, its tokenizer.json is found
+        ae = model.autoencoder.config
+        assert (ae.eot_id, ae.pad_id) == (eot, pad), kwargs
+        assert (model.config.autoencoder["eot_id"], model.config.autoencoder["pad_id"]) == (eot, pad)
+        notes += model.official_load_report.notes
+    assert not any("no end-of-text id" in n for n in notes)

@@ -644,3 +644,34 @@ def test_exact_asks_coins_by_draw_position(temperature):
     )
     assert draw.calls == [2, 4, 8, 16, 10]  # doubling, the last call cut to the bound
     assert keys == [(0, 2), (2, 4), (6, 8), (14, 16), (30, 10), (-1, 1)]  # coins of draws 0.., 2.., ...
+
+
+# ---------------------------------------------------------------------------------------------
+# temper_logits: the token sampler's logits / T (issue 16)
+
+
+@pytest.mark.parametrize("T", [1e-3, 1e-30, 1e-40, 1e-300, 5e-324])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_tiny_temperature_sampling_is_greedy(T, dtype):
+    from calm.sampling import inverse_cdf_choice, temper_logits
+
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(64, 500, generator=g) * 3).to(dtype)
+    logits[:, -1] = logits.min() - 1  # the last id is never the answer (the old NaN path chose it)
+    u = torch.rand(64, generator=g, dtype=torch.float64)
+    tempered = temper_logits(logits, 1.0 / T)
+    assert not torch.isnan(tempered).any()
+    if T <= 1e-30:  # gaps / T overflow or dwarf every float64 exponent: exactly greedy
+        assert torch.equal(inverse_cdf_choice(tempered, u), logits.argmax(-1))
+    # at any T the maximum keeps the largest weight
+    assert torch.equal(tempered.argmax(-1), logits.argmax(-1))
+
+
+def test_temper_logits_is_logits_over_t():
+    from calm.sampling import temper_logits
+
+    logits = torch.tensor([[1.0, 3.0, -2.0], [0.5, 0.5, 0.0]])
+    torch.testing.assert_close(temper_logits(logits, 2.0), (logits - logits.amax(-1, keepdim=True)) * 2.0)
+    # exact ties at the maximum share the mass as T -> 0 (the limit of softmax(l / T))
+    p = torch.softmax(temper_logits(logits, float("inf")), -1)
+    torch.testing.assert_close(p, torch.tensor([[0.0, 1.0, 0.0], [0.5, 0.5, 0.0]]))

@@ -498,3 +498,147 @@ def test_cli_train_calm_on_trained_autoencoder(prepared, tmp_path, capsys):
     assert trained_ae, "CALM should carry its autoencoder"
     for k, v in ae.state_dict().items():  # frozen: the autoencoder inside is unchanged by training
         assert torch.equal(trained_ae[f"autoencoder.{k}"], v), k
+
+
+# ------------------------------------------------------------------------------ reliability (issue 16)
+
+
+def _prepare(root, words, *, val_fraction=0.2, docs=60, seed=0):
+    data = pytest.importorskip("calm.data")
+    g = torch.Generator().manual_seed(seed)
+    text = [
+        " ".join(words[i] for i in torch.randint(0, len(words), (60,), generator=g).tolist())
+        for _ in range(docs)
+    ]
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "in.txt").write_text("\n\n".join(text))
+    data.prepare(
+        root / "in.txt", root / "data", vocab_size=280, val_fraction=val_fraction, workers=0,
+        progress=False, log=lambda m: None,
+    )  # fmt: skip
+    return root / "data"
+
+
+def test_resume_refuses_data_with_another_tokenizer_of_the_same_size(prepared, tmp_path, capsys):
+    other = _prepare(tmp_path / "other", "zebra yak xylophone wolf vole urchin tapir seal rook".split())
+    assert json.loads((other / "meta.json").read_text())["vocab_size"] == 280  # same size, other merges
+    run = tmp_path / "run"
+    code, _, err = _main("train-ae", "--data", str(prepared), "--out", str(run), *AE_ARGS, "--steps", "2", capsys=capsys)
+    assert code == 0, err
+    saved_tokenizer = (run / "checkpoint" / "tokenizer.json").read_bytes()
+    code, _, err = _main(
+        "train-ae", "--data", str(other), "--out", str(run), *AE_ARGS, "--steps", "3", "--resume", capsys=capsys
+    )
+    assert code == 2
+    assert "trained with a different tokenizer than the data in" in err and "checkpoint's tokenizer" in err
+    assert load_train_state(run / "checkpoint")["step"] == 2
+    assert (run / "checkpoint" / "tokenizer.json").read_bytes() == saved_tokenizer
+    # the same data resumes as before
+    code, _, err = _main("train-ae", "--data", str(prepared), "--out", str(run), *AE_ARGS, "--steps", "3", "--resume", capsys=capsys)
+    assert code == 0, err
+
+
+AR_TINY = ["--model", "ar", "--preset", "transformer-tiny", "--set", "d_model=16", "num_heads=2", "num_layers=1",
+           "ffn_dim=32", "--quiet", "--device", "cpu"]  # fmt: skip
+
+
+def test_validation_split_shorter_than_a_window_is_said_at_start_not_a_crash(tmp_path, capsys):
+    words = "the a cat dog sat ran on under mat log and then quietly".split()
+    data = _prepare(tmp_path / "short", words, val_fraction=0.02)  # one document of ~120 tokens
+    assert json.loads((data / "meta.json").read_text())["splits"]["val"]["tokens"] < 128
+    run = tmp_path / "ar"
+    code, out, err = _main(
+        "train", "--data", str(data), "--out", str(run), *AR_TINY, "--steps", "4", "--batch-size", "2",
+        "--block-size", "128", "--set", "eval_every=2", "save_every=2", "--json", capsys=capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    assert "validation split has fewer than 1 window(s) of 128 tokens" in err
+    assert json.loads(out)["step"] == 4 and load_train_state(run / "checkpoint")["step"] == 4
+
+
+SIGNAL_ARGS = [a for a in AE_ARGS if a not in ("save_every=3", "eval_every=4")] + [
+    "--set", "save_every=100000", "eval_every=100",
+]  # fmt: skip
+
+
+def _popen_train_ae(*args):
+    return subprocess.Popen(
+        [sys.executable, "-m", "calm", "train-ae", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+
+
+def _wait_for_step(proc, run, step, timeout=120):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        records = read_metrics(run) if (run / "metrics.jsonl").exists() else []
+        if any(r["step"] >= step for r in records if r.get("split") == "train"):
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.005)
+    raise AssertionError(f"no step {step} in {run} after {timeout} s")
+
+
+@pytest.mark.slow
+def test_sigterm_saves_the_step_and_resume_is_bitwise_identical(prepared, tmp_path):
+    import signal
+
+    steps = ["--steps", "300"]
+    full, stopped = tmp_path / "full", tmp_path / "stopped"
+    _cli("--data", str(prepared), "--out", str(full), *SIGNAL_ARGS, *steps)
+    proc = _popen_train_ae("--data", str(prepared), "--out", str(stopped), *SIGNAL_ARGS, *steps)
+    _wait_for_step(proc, stopped, 3)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    step = load_train_state(stopped / "checkpoint")["step"]
+    assert 3 <= step < 300
+    assert f"stopped by SIGTERM after step {step}: checkpoint saved in {stopped / 'checkpoint'}" in err
+    assert max(r["step"] for r in read_metrics(stopped)) == step  # nothing logged past the save
+    _cli("--data", str(prepared), "--out", str(stopped), *SIGNAL_ARGS, *steps, "--resume")
+    a, b = _weights(full), _weights(stopped)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("elapsed_s", "tokens_per_s")} for r in rs]  # noqa: E731
+    assert strip(read_metrics(full)) == strip(read_metrics(stopped))
+
+
+def test_sigint_in_process_raises_after_saving(tmp_path):
+    import signal
+
+    from calm.train import TrainingInterrupted
+
+    class SignalAt(MemoryData):
+        def train_batch(self, step, *a):
+            if step == 2:
+                os.kill(os.getpid(), signal.SIGINT)  # arrives during step 2 (index), i.e. the 3rd step
+            return super().train_batch(step, *a)
+
+    with pytest.raises(TrainingInterrupted) as info:
+        train(tiny(), cfg(steps=6), SignalAt(), tmp_path, quiet=True)
+    assert (info.value.step, info.value.exit_code, info.value.signal_name) == (3, 130, "SIGINT")
+    assert load_train_state(tmp_path / "checkpoint")["step"] == 3
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+
+def test_second_training_on_the_same_run_directory_is_refused(prepared, tmp_path, capsys):
+    import signal
+
+    run = tmp_path / "run"
+    first = _popen_train_ae("--data", str(prepared), "--out", str(run), *SIGNAL_ARGS, "--steps", "1000000")
+    try:
+        _wait_for_step(first, run, 1)
+        code, _, err = _main("train-ae", "--data", str(prepared), "--out", str(run), *AE_ARGS, "--steps", "2", capsys=capsys)
+        assert code == 2
+        assert f"is in use by another training run (pid {first.pid}" in err
+    finally:
+        first.send_signal(signal.SIGKILL)  # dies holding the lock: the kernel releases it
+        first.communicate(timeout=60)
+    code, _, err = _main("train-ae", "--data", str(prepared), "--out", str(run), *AE_ARGS, "--steps", "2", capsys=capsys)
+    assert code == 0, err

@@ -7,12 +7,15 @@ token baseline) with its tokenizer attached as `model.tokenizer`.
 __version__ = "0.1.0"
 
 
-def load(path, device=None, dtype=None):
+def load(path, device=None, dtype=None, *, verify: bool = True):
     """Load the model in checkpoint directory `path` (ours, or the authors' released layout), or of
-    a Hugging Face repo id such as ``"cccczshao/CALM-M"`` taken from the local Hub cache (`calm.hub`)."""
+    a Hugging Face repo id such as ``"cccczshao/CALM-M"`` taken from the local Hub cache (`calm.hub`).
+
+    ``verify=False`` skips the SHA-256 check of the weights and the refusal of non-finite ones.
+    """
     from calm.checkpoint import load_model
 
-    return load_model(path, device=device, dtype=dtype)
+    return load_model(path, device=device, dtype=dtype, verify=verify)
 
 
 __all__ = ["__version__", "load"]

@@ -43,9 +43,10 @@ over positions, and no prefix is recomputed. Two ways to let each continuation s
 own context (tests check both against fresh forward passes):
 
 * shared prefix (default for our `TokenTransformer` / `CALM`): the continuations of a window
-  read the window's cache in place; attention is computed here (`_shared_forward`) as a masked
-  part over the shared context plus a part over the continuation's own earlier keys. No copies:
-  memory and traffic O(B·T) for the cache, O(B·P·T) for the attention scores.
+  read the window's cache in place through a `calm.models.transformer.SharedPrefixCache`: the
+  model's own forward, whose attention mask lets each continuation see its context slots and its
+  own earlier keys. No copies: memory and traffic O(B·T) for the cache, O(B·P·T) for the
+  attention scores.
 * forked caches (any model with the interface, e.g. test doubles): each continuation gets a
   copy of its window's cache cut to its group's longest context, the slots past its own context
   marked invalid, and the model's own forward runs on it. Simple and generic, but the copies cost
@@ -242,11 +243,10 @@ class _Rollout:
     """Continuations of Q queries in every window of a batch: query q may attend to the first
     ``ctx[q]`` slots of its window's KV cache ``base`` (its context) and to its own earlier steps.
 
-    shared=True: the queries of a window read the window's cache in place (no copies); attention
-    is computed here as a masked part over the shared context plus a part over the query's own
-    earlier keys, one call per step for all queries (`_shared_forward`).
-    shared=False: any model with the interface; each query gets a copy of its window's cache
-    (`_fork_cache`) and the model's own forward runs on it.
+    shared=True: the queries of a window read the window's cache in place through a
+    `SharedPrefixCache` (no copies) and the model's own forward, one call per step for all
+    queries. shared=False: any model with the interface; each query gets a copy of its window's
+    cache (`_fork_cache`).
     """
 
     def __init__(self, model, base, ctx: torch.Tensor, extra: int, shared: bool):
@@ -254,86 +254,50 @@ class _Rollout:
         self.B, self.Q = base.valid.shape[0], len(ctx)
         self.prefix = int(ctx.max())
         if shared:
-            slots = torch.arange(self.prefix, device=ctx.device)
-            # [B, 1, 1, Q, S]: context slots of each query (and real slots of the window)
-            self.mask = ((slots[None, :] < ctx[:, None])[None] & base.valid[:, None, : self.prefix])[
-                :, None, None
-            ]
-            self.own: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(base.keys)
+            from calm.models.transformer import SharedPrefixCache
+
+            self.cache = SharedPrefixCache(base, ctx, extra)
         else:
-            self.fork = _fork_cache(base, self.Q, self.prefix, ctx.repeat(self.B), extra)
-
-    def backbone(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Shared path: hidden states [B, Q, d] for inputs [B, Q, d] at position ids [Q]."""
-        return _shared_forward(self.model.backbone, x, positions, self)
-
-
-def _shared_forward(backbone, x: torch.Tensor, positions: torch.Tensor, roll: _Rollout) -> torch.Tensor:
-    """One step of every query through `backbone` (`calm.models.transformer.Backbone`), the same
-    computation as ``Backbone.forward`` with a KV cache, but with per-query context masks over
-    one shared cache instead of one cache copy per query."""
-    from calm.models.layers import apply_rotary
-
-    B, Q, _ = x.shape
-    cos, sin = backbone.rotary(positions[None].expand(B, Q))
-    S = roll.prefix
-    for i, layer in enumerate(backbone.layers):
-        a = layer.attn
-        H, Hkv, hd = a.num_heads, a.kv_heads, a.head_dim
-        h = layer.attn_norm(x)
-        q = a.q_proj(h).view(B, Q, H, hd).transpose(1, 2)
-        k = a.k_proj(h).view(B, Q, Hkv, hd).transpose(1, 2)
-        v = a.v_proj(h).view(B, Q, Hkv, hd).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        prev = roll.own[i]
-        own_k = (
-            k[:, :, :, None] if prev is None else torch.cat([prev[0], k[:, :, :, None]], 3)
-        )  # [B,Hkv,Q,j,hd]
-        own_v = v[:, :, :, None] if prev is None else torch.cat([prev[1], v[:, :, :, None]], 3)
-        roll.own[i] = (own_k, own_v)
-        ctx_k = roll.base.keys[i][:, :, :S]  # [B, Hkv, S, hd]
-        ctx_v = roll.base.values[i][:, :, :S]
-        qg = q.reshape(B, Hkv, H // Hkv, Q, hd) * hd**-0.5  # grouped-query heads share a kv head
-        s_ctx = torch.einsum("bkgqd,bksd->bkgqs", qg, ctx_k).masked_fill(~roll.mask, float("-inf"))
-        s_own = torch.einsum("bkgqd,bkqjd->bkgqj", qg, own_k)
-        w = torch.softmax(torch.cat([s_ctx, s_own], -1).float(), -1).to(v.dtype)
-        out = torch.einsum("bkgqs,bksd->bkgqd", w[..., :S], ctx_v)
-        out = out + torch.einsum("bkgqj,bkqjd->bkgqd", w[..., S:], own_v)
-        x = x + a.o_proj(out.reshape(B, H, Q, hd).transpose(1, 2).reshape(B, Q, H * hd))
-        x = x + layer.mlp(layer.mlp_norm(x))
-    return backbone.norm(x)
+            self.cache = _fork_cache(base, self.Q, self.prefix, ctx.repeat(self.B), extra)
 
 
 def _ar_step(model, roll: _Rollout, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """Next-token logits [B, Q, V] after feeding tokens [B, Q] at position ids [Q]."""
-    if roll.shared:
-        return model.lm_head(roll.backbone(model.embed(tokens), positions))
     B, Q = tokens.shape
-    out = model.logits(tokens.reshape(B * Q, 1), positions=positions.repeat(B)[:, None], cache=roll.fork)
+    if roll.shared:
+        return model.logits(tokens, positions=positions[None].expand(B, Q), cache=roll.cache)
+    out = model.logits(tokens.reshape(B * Q, 1), positions=positions.repeat(B)[:, None], cache=roll.cache)
     return out.view(B, Q, -1)
 
 
 def _calm_step(model, roll: _Rollout, chunks: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """Hidden states [B, Q, d] after feeding chunks [B, Q, K] at chunk position ids [Q]."""
-    if roll.shared:
-        return roll.backbone(model.chunk_inputs(chunks), positions)
     B, Q, K = chunks.shape
-    out = model.hidden(chunks.reshape(B * Q, 1, K), positions=positions.repeat(B)[:, None], cache=roll.fork)
+    if roll.shared:
+        return model.hidden(chunks, positions=positions[None].expand(B, Q), cache=roll.cache)
+    out = model.hidden(chunks.reshape(B * Q, 1, K), positions=positions.repeat(B)[:, None], cache=roll.cache)
     return out.view(B, Q, -1)
 
 
-def _query_groups(Q: int, shared: bool, bytes_per_query: int, budget: int) -> list[tuple[int, int]]:
-    """Consecutive groups of queries whose working memory fits in ``budget`` bytes."""
+def _query_groups(
+    Q: int, shared: bool, bytes_per_query: int, budget: int, steps: int, context: int
+) -> list[tuple[int, int]]:
+    """Consecutive groups of queries whose working memory fits in ``budget`` bytes. Shared
+    path: a query's attention also spans the other queries' continuation keys (masked out), so
+    groups stay small enough that those (steps x group) keys cost at most about the context."""
     size = max(1, min(Q, budget // max(1, bytes_per_query)))
+    if shared:
+        size = min(size, max(16, context // max(1, steps)))
     return [(a, min(a + size, Q)) for a in range(0, Q, size)]
 
 
 def _bytes_per_query(model, base, B: int, S: int, width: int, shared: bool) -> int:
     """Working memory of one query in all B windows: a cache copy (fork) or attention scores
-    (shared), plus the [width] output row (logits or hidden) a few times over."""
+    over the context and the group's continuation keys (shared, at most ~2S; `_query_groups`),
+    plus the [width] output row (logits or hidden) a few times over."""
     if shared:
         heads = model.backbone.config.num_heads
-        return B * 4 * (3 * heads * S + 4 * width)
+        return B * 4 * (3 * heads * 2 * S + 4 * width)
     return B * (_cache_bytes_per_slot(base) * S + 4 * 4 * width)
 
 
@@ -376,7 +340,7 @@ def calm_window_scores(
         chunk_idx = torch.arange(P, device=device).repeat_interleave(2)
         per_query = _bytes_per_query(model, cache, B, P, h.shape[-1], shared)
         parts = []
-        for a, b in _query_groups(2 * P, shared, per_query, max_cache_bytes):
+        for a, b in _query_groups(2 * P, shared, per_query, max_cache_bytes, steps - 1, P):
             roll = _Rollout(model, cache, chunk_idx[a:b] + 1, steps - 1, shared)
             cur = first.flatten(1, 2)[:, a:b]  # [B, q, K]
             pos = chunk_idx[a:b] + 1  # the sampled chunk sits at chunk position i + 1
@@ -438,7 +402,7 @@ def ar_window_scores(
     shared = _use_shared(model, shared_prefix)
     V = first.p.shape[-1]
     per_query = _bytes_per_query(model, cache, B, int(t[-1]) + NGRAM - 1, V, shared)
-    for a, b in _query_groups(P, shared, per_query, max_cache_bytes):
+    for a, b in _query_groups(P, shared, per_query, max_cache_bytes, NGRAM - 1, int(t[-1])):
         roll = _Rollout(model, cache, t[a:b], NGRAM - 1, shared)
         cur = draws[:, a:b, 0]  # [B, g]: the followed path
         agree = draws[:, a:b, 0] == draws[:, a:b, -1]  # pair: the two prefixes agree so far

@@ -6,7 +6,12 @@ A checkpoint is a directory::
     model.safetensors  weights; tied tensors stored once (safetensors.torch.save_model)
     tokenizer.json ... whatever `Tokenizer.save(dir)` writes, when the model has a tokenizer
     train_state.pt     training checkpoints only: optimizer, scheduler, step, RNG states, metrics
-    COMPLETE           written last; a directory without it is never loaded
+    COMPLETE           written last: {"format", "sizes": {file: bytes}, "sha256": {file: hex}} for
+                       the weight files; a directory without it is never loaded
+
+Loads verify what COMPLETE records (size, then SHA-256 of model.safetensors and train_state.pt;
+``verify=False`` / ``--no-verify`` skips the hashes) and that every floating-point weight is
+finite, so a corrupted or diverged checkpoint is an error naming the file or the tensor.
 
 Atomicity: everything is written into a hidden sibling ``.<name>.tmp-<pid>-<rand>``, fsynced,
 marked COMPLETE, and only then renamed into place. Replacing an existing checkpoint renames the
@@ -31,14 +36,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from calm.filesystem import HASH_ALGORITHM, contained_path, file_digest, is_disk_full
+
 FORMAT = "calm-checkpoint-v1"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 TRAIN_STATE_FILE = "train_state.pt"
 COMPLETE_FILE = "COMPLETE"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_meta.json")
-# Files whose byte size the COMPLETE marker records and `load_model` checks (cheap corruption check).
+# Files whose byte size and SHA-256 the COMPLETE marker records and loads check.
 _SIZED_FILES = (WEIGHTS_FILE, TRAIN_STATE_FILE)
+# Shape mismatches listed in a load error before "... and N more".
+_MAX_LISTED = 4
 
 
 _TMP_NAME = re.compile(r"^\..+\.tmp-\d+-[0-9a-f]+$")
@@ -184,9 +193,17 @@ def save_checkpoint(
                 target.write_text(content)
             else:
                 shutil.copyfile(content, target)
+        # safetensors creates its file with mode 0600; give it the mode Python gave config.json
+        # (0666 less the umask), like every other file of the checkpoint.
+        os.chmod(tmp / WEIGHTS_FILE, (tmp / CONFIG_FILE).stat().st_mode & 0o777)
         _fsync_tree(tmp)
-        sizes = {n: (tmp / n).stat().st_size for n in _SIZED_FILES if (tmp / n).exists()}
-        (tmp / COMPLETE_FILE).write_text(json.dumps({"format": FORMAT, "sizes": sizes}) + "\n")
+        present = [n for n in _SIZED_FILES if (tmp / n).exists()]
+        marker = {
+            "format": FORMAT,
+            "sizes": {n: (tmp / n).stat().st_size for n in present},
+            HASH_ALGORITHM: {n: file_digest(tmp / n) for n in present},
+        }
+        (tmp / COMPLETE_FILE).write_text(json.dumps(marker) + "\n")
         _fsync_path(tmp / COMPLETE_FILE)
         _fsync_path(tmp)
 
@@ -199,8 +216,14 @@ def save_checkpoint(
         else:
             os.rename(tmp, path)
         _fsync_path(path.parent)
-    except BaseException:
+    except BaseException as err:
+        full = isinstance(err, Exception) and is_disk_full(err, tmp if tmp.exists() else path.parent)
         shutil.rmtree(tmp, ignore_errors=True)
+        if full:
+            kept = f"; the previous checkpoint in {path} is intact" if is_complete(path) else ""
+            raise CheckpointError(
+                f"cannot write checkpoint {path}: no space left on the device of {path.parent}{kept}"
+            ) from err
         raise
     return path
 
@@ -285,23 +308,49 @@ def _read_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
-def _check_sizes(path: Path) -> None:
+def _verify_files(path: Path, verify: bool = True, names: tuple[str, ...] = _SIZED_FILES) -> None:
+    """Check `names` of checkpoint `path` against its COMPLETE marker: sizes always, hashes if `verify`.
+
+    A marker that is not JSON is corruption too. Markers written before hashes were recorded
+    (sizes only, or an empty file) are checked as far as they go.
+    """
     try:
-        marker = json.loads((path / COMPLETE_FILE).read_text() or "{}")
-    except ValueError:
-        return
-    for name, size in (marker.get("sizes") or {}).items():
-        actual = (path / name).stat().st_size if (path / name).exists() else None
-        if actual != size:
+        text = (path / COMPLETE_FILE).read_text()
+        marker = json.loads(text) if text.strip() else {}
+        if not isinstance(marker, dict):
+            raise ValueError(f"a JSON {type(marker).__name__}, not an object")
+    except ValueError as err:
+        raise CheckpointError(
+            f"{path / COMPLETE_FILE} is corrupted (not the JSON object a save writes: {err}); "
+            "the checkpoint cannot be trusted"
+        ) from err
+    sizes, hashes = marker.get("sizes") or {}, marker.get(HASH_ALGORITHM) or {}
+    if not isinstance(sizes, dict) or not isinstance(hashes, dict):
+        raise CheckpointError(f"{path / COMPLETE_FILE} is corrupted (sizes/{HASH_ALGORITHM} are not maps)")
+    for name in names:
+        if name not in sizes and name not in hashes:
+            continue
+        file = contained_path(path, name, f"{path / COMPLETE_FILE} entry")
+        actual = file.stat().st_size if file.is_file() else None
+        if name in sizes and actual != sizes[name]:
             raise CheckpointError(
-                f"{path / name} is {'missing' if actual is None else f'{actual} bytes'}, "
-                f"but {size} bytes were written: the checkpoint is corrupted"
+                f"{file} is {'missing' if actual is None else f'{actual} bytes'}, "
+                f"but {sizes[name]} bytes were written: the checkpoint is corrupted"
             )
+        if verify and name in hashes:
+            if actual is None:
+                raise CheckpointError(f"{file} is missing: the checkpoint is corrupted")
+            digest = file_digest(file)
+            if digest != hashes[name]:
+                raise CheckpointError(
+                    f"{file} does not have the content that was saved ({HASH_ALGORITHM} {digest[:16]}..., "
+                    f"recorded {str(hashes[name])[:16]}...): the checkpoint is corrupted. "
+                    "(--no-verify / verify=False skips this check)"
+                )
 
 
-def load_config(path: str | os.PathLike):
-    """The model config object stored in checkpoint `path` (no weights are read)."""
-    path = resolve_checkpoint(path)
+def _config_and_missing(path: Path):
+    """(model config of checkpoint `path`, names of config fields its config.json lacks)."""
     meta = _read_meta(path)
     kind = meta.get("kind")
     from calm.config import CONFIG_CLASSES, config_from_dict
@@ -310,10 +359,33 @@ def load_config(path: str | os.PathLike):
         raise CheckpointError(
             f"{path}: unknown model kind {kind!r}; expected one of {sorted(CONFIG_CLASSES)}"
         )
+    data = meta.get("config")
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path / CONFIG_FILE}: 'config' is not a JSON object")
     try:
-        return config_from_dict(kind, dict(meta.get("config") or {}))
+        config = config_from_dict(kind, dict(data))
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{path / CONFIG_FILE}: invalid {kind} config: {err}") from err
+    missing = sorted(set(config.to_dict()) - set(data))
+    return config, missing
+
+
+def _missing_fields_note(path: Path, config, missing: list[str]) -> str:
+    values = ", ".join(f"{k}={getattr(config, k)!r}" for k in missing)
+    return f"{path / CONFIG_FILE} has no field(s) {', '.join(missing)}; the default(s) {values} were used"
+
+
+def load_config(path: str | os.PathLike):
+    """The model config object stored in checkpoint `path` (no weights are read).
+
+    Fields absent from config.json (a checkpoint written before the field existed, or an
+    edited file) take their defaults, with a warning naming them.
+    """
+    path = resolve_checkpoint(path)
+    config, missing = _config_and_missing(path)
+    if missing:
+        warnings.warn(_missing_fields_note(path, config, missing), stacklevel=2)
+    return config
 
 
 def _shared_groups(state_dict: dict[str, torch.Tensor]) -> dict[str, set[str]]:
@@ -327,17 +399,33 @@ def _shared_groups(state_dict: dict[str, torch.Tensor]) -> dict[str, set[str]]:
     return {name: group for group in by_key.values() for name in group}
 
 
-def load_weights(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> nn.Module:
+def _nonfinite_tensors(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of floating-point tensors holding a NaN or an infinity (one min/max pass each)."""
+    names = [n for n, t in tensors.items() if t.is_floating_point() and t.numel()]
+    if not names:
+        return []
+    extremes = torch.stack([torch.stack(torch.aminmax(tensors[n])).float() for n in names])
+    bad = (~torch.isfinite(extremes).all(dim=1)).tolist()
+    return [n for n, b in zip(names, bad) if b]
+
+
+def load_weights(
+    model: nn.Module, path: str | os.PathLike, strict: bool = True, *, verify: bool = True
+) -> nn.Module:
     """Load ``path/model.safetensors`` into `model` in place, with explicit errors.
 
     Names missing from the file are fine when they are tied to a name that is present (that is
     how `save_model` stores tied weights); the tie survives because the modules share the
-    Parameter and values are copied in place.
+    Parameter and values are copied in place. For a checkpoint directory the file's size and
+    (if `verify`) its SHA-256 are checked against the COMPLETE marker first. A weight holding
+    NaN or infinity is an error naming it (`verify=False` loads it anyway).
     """
     path = Path(path)
     file = path / WEIGHTS_FILE if path.is_dir() else path
     if not file.is_file():
         raise CheckpointError(f"{file} is missing")
+    if path.is_dir() and (path / COMPLETE_FILE).is_file():
+        _verify_files(path, verify, (WEIGHTS_FILE,))
     from safetensors.torch import load_file
 
     try:
@@ -356,13 +444,26 @@ def load_weights(model: nn.Module, path: str | os.PathLike, strict: bool = True)
     ]
     problems = []
     if mismatched:
-        problems.append("shape mismatch for " + "; ".join(mismatched))
+        more = len(mismatched) - _MAX_LISTED
+        problems.append(
+            "shape mismatch for "
+            + "; ".join(mismatched[:_MAX_LISTED])
+            + (f"; ... and {more} more" if more > 0 else "")
+        )
     if strict and missing:
         problems.append(f"missing key(s): {', '.join(missing)}")
     if strict and unexpected:
         problems.append(f"unexpected key(s): {', '.join(unexpected)}")
     if problems:
         raise CheckpointError(f"{file} does not match {type(model).__name__}: " + " | ".join(problems))
+    bad = _nonfinite_tensors(tensors) if verify else []
+    if bad:
+        raise CheckpointError(
+            f"{file}: weight(s) {', '.join(bad[:_MAX_LISTED])}"
+            + (f" and {len(bad) - _MAX_LISTED} more" if len(bad) > _MAX_LISTED else "")
+            + " hold NaN or infinite values (the run that saved them diverged, or the file is "
+            "corrupted); the model would produce garbage"
+        )
     with torch.no_grad():
         for name, value in tensors.items():
             if name in model_sd:
@@ -371,18 +472,28 @@ def load_weights(model: nn.Module, path: str | os.PathLike, strict: bool = True)
 
 
 def load_model(
-    path: str | os.PathLike, device=None, dtype=None, strict: bool = True, *, ae_path=None
+    path: str | os.PathLike,
+    device=None,
+    dtype=None,
+    strict: bool = True,
+    *,
+    ae_path=None,
+    verify: bool = True,
 ) -> nn.Module:
     """The model stored in checkpoint directory `path`, in eval mode, tokenizer attached.
 
     Also accepts the authors' released layout (delegated to `calm.official.load_official`);
     ``ae_path`` is then the autoencoder directory of a released CALM model that neither holds a
     copy of it nor has it beside it. Our own CALM checkpoints always carry their autoencoder.
+    ``verify``: check the weights' SHA-256 against the COMPLETE marker and refuse non-finite
+    weights (False skips both; sizes are always checked).
     ``path`` and ``ae_path`` may also be Hugging Face repo ids in the local cache (`calm.hub`).
     """
     from calm.hub import is_hub_name, resolve_model_path
 
-    path = resolve_model_path(path)
+    path = Path(path)
+    if is_hub_name(path) and not _siblings(path, "old"):  # not here (nor its .old copy): a Hub repo id
+        path = resolve_model_path(path)
     if ae_path is not None and is_hub_name(ae_path):
         ae_path = resolve_model_path(ae_path)
     if path.is_dir() and not (path / COMPLETE_FILE).exists() and _looks_official(path):
@@ -400,12 +511,22 @@ def load_model(
         )
 
     path = resolve_checkpoint(path)
-    config = load_config(path)
-    _check_sizes(path)
+    config, missing = _config_and_missing(path)
+    _verify_files(path, verify=False)  # sizes first: cheap, and names a truncated file
     from calm.models import build_model
 
-    model = build_model(config)
-    load_weights(model, path, strict=strict)
+    try:
+        model = build_model(config)
+    except (TypeError, ValueError) as err:  # e.g. a CALM config's nested autoencoder dict
+        raise CheckpointError(f"{path / CONFIG_FILE}: invalid {config.kind} config: {err}") from err
+    try:
+        load_weights(model, path, strict=strict, verify=verify)
+    except CheckpointError as err:
+        if missing:
+            raise CheckpointError(f"{_missing_fields_note(path, config, missing)}, and {err}") from err
+        raise
+    if missing:
+        warnings.warn(_missing_fields_note(path, config, missing), stacklevel=2)
     if dtype is None:
         from safetensors import safe_open
 
@@ -437,7 +558,7 @@ def load_train_state(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(
             f"{path} has no {TRAIN_STATE_FILE}: it is a model-only checkpoint, not resumable"
         )
-    _check_sizes(path)
+    _verify_files(path, True, (TRAIN_STATE_FILE,))
     try:
         return torch.load(file, map_location="cpu", weights_only=True)
     except Exception as err:

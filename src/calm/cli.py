@@ -56,6 +56,16 @@ def add_official_ae_argument(parser) -> None:
     )
 
 
+def add_no_verify_argument(parser) -> None:
+    """``--no-verify`` for a command that loads a checkpoint (`calm.checkpoint.load_model` ``verify``)."""
+    parser.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="skip the SHA-256 check of the checkpoint's weights against its COMPLETE marker and the "
+        "refusal of NaN/inf weights (sizes are still checked)",
+    )
+
+
 def _top_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="calm",
@@ -101,9 +111,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv[1:])
     try:
         code = run(args)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        code = 130
+    except KeyboardInterrupt as err:
+        # calm.train.TrainingInterrupted has already said where its checkpoint is and carries the
+        # exit code of its signal (130 SIGINT, 143 SIGTERM); a bare Ctrl-C elsewhere is 130.
+        code = getattr(err, "exit_code", 130)
+        if not hasattr(err, "exit_code"):
+            print("interrupted", file=sys.stderr)
     except (ValueError, FileNotFoundError, OSError) as err:
         # Our own errors (DataError, ConfigError, CheckpointError, ...) derive from these and carry a
         # message meant for the user: show it without a traceback. CALM_DEBUG=1 shows the traceback.

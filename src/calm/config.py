@@ -34,6 +34,7 @@ class _Config:
         unknown = sorted(set(data) - names)
         if unknown:
             raise ConfigError(f"{cls.__name__}: unknown field(s) {unknown}; known: {sorted(names)}")
+        _check_types(cls, data)
         return cls(**data)
 
     def replace(self, **changes):
@@ -41,6 +42,28 @@ class _Config:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
+
+
+def _check_types(cls, data: dict[str, Any]) -> None:
+    """Refuse values of the wrong JSON type (e.g. ``"num_layers": "2"``) with the field's name.
+
+    An int is accepted for a float field; a bool is never taken for a number.
+    """
+    hints = typing.get_type_hints(cls)
+    for name, value in data.items():
+        want = hints.get(name)
+        if want is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        elif want is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif want in (bool, str, dict, list):
+            ok = isinstance(value, want)
+        else:
+            continue
+        if not ok:
+            raise ConfigError(
+                f"{cls.__name__}: field {name} must be {want.__name__}, got {value!r} ({type(value).__name__})"
+            )
 
 
 @dataclass
@@ -114,6 +137,16 @@ class CALMConfig(BackboneConfig):
     num_model_samples: int = 8  # N
     num_target_samples: int = 100  # M
     energy_alpha: float = 1.0  # exponent of the distance in the energy score
+    # Initialisation of the energy head's last layer: "zero" (the authors': every initial sample
+    # is 0, and nothing before that layer gets a gradient until it has moved) or "xavier".
+    head_init: str = "zero"
+    # Discrete part of the head's noise: its first coordinate also picks one of this many learned
+    # vectors (`EnergyHead`), so samples can fall into separate modes from the start. 0 = off
+    # (the paper's purely continuous noise).
+    head_noise_atoms: int = 0
+    # Weight of an auxiliary, training-only cross-entropy: a light head predicts the next chunk's
+    # K tokens from the backbone state h (through the tied input embedding). 0 = off (the paper).
+    aux_token_weight: float = 0.0
     autoencoder: dict = field(default_factory=dict)  # AutoencoderConfig.to_dict() of the frozen AE
 
     @property
@@ -128,6 +161,12 @@ class CALMConfig(BackboneConfig):
             raise ConfigError(
                 "energy_alpha must be in (0, 2) to be strictly proper; the default 1 is advised"
             )
+        if self.head_init not in ("zero", "xavier"):
+            raise ConfigError(f"head_init must be 'zero' or 'xavier', not {self.head_init!r}")
+        if self.head_noise_atoms < 0:
+            raise ConfigError(f"head_noise_atoms must be >= 0, got {self.head_noise_atoms}")
+        if not self.aux_token_weight >= 0:
+            raise ConfigError(f"aux_token_weight must be >= 0, got {self.aux_token_weight}")
 
 
 @dataclass
@@ -164,8 +203,27 @@ class TrainConfig(_Config):
     dtype: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU), "fp32", "bf16"
     compile: bool = False
     max_bad_steps: int = 10  # consecutive non-finite losses before aborting
+    # Per-module learning-rate factors, "prefix=factor,...": parameters whose name starts with
+    # prefix + "." get lr x factor (e.g. "head=3" for CALM's energy head). Empty: one lr.
+    lr_scale: str = ""
+
+    @property
+    def lr_scales(self) -> dict[str, float]:
+        """`lr_scale` parsed: {module prefix: factor}."""
+        out = {}
+        for item in filter(None, (part.strip() for part in self.lr_scale.split(","))):
+            prefix, sep, value = item.partition("=")
+            try:
+                factor = float(value)
+            except ValueError:
+                factor = -1.0
+            if not sep or not prefix.strip() or not factor > 0:
+                raise ConfigError(f"lr_scale entry {item!r} is not of the form prefix=positive_factor")
+            out[prefix.strip()] = factor
+        return out
 
     def __post_init__(self):
+        self.lr_scales  # noqa: B018  (validates lr_scale)
         if self.schedule not in ("constant", "cosine"):
             raise ConfigError(f"schedule must be 'constant' or 'cosine', not {self.schedule!r}")
         if self.dtype not in ("auto", "fp32", "bf16"):

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from calm.brier import COLLISION_ESTIMATORS, DEFAULT_MAX_CACHE_BYTES, NGRAM, window_scores
-from calm.cli import add_official_ae_argument
+from calm.cli import add_no_verify_argument, add_official_ae_argument
 from calm.data import check_token_ids, make_windows
 from calm.metrics import BrierAccumulator
 
@@ -522,6 +522,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         "scored on its own, so it bounds the context",
     )
     add_official_ae_argument(parser)
+    add_no_verify_argument(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed of the samples the estimators draw")
     parser.add_argument(
         "--batch-size",
@@ -621,11 +622,12 @@ def format_result(result: dict[str, Any]) -> str:
 def run_eval(args: argparse.Namespace) -> int:
     """`calm eval`: returns the exit status (bad input raises ValueError with a readable message)."""
     from calm.checkpoint import load_model
-    from calm.hub import resolve_model_path
 
-    path = resolve_model_path(args.model)  # a directory, or a Hub repo id in the local cache
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+    # A directory or a Hub repo id in the local cache: load_model judges (and resolves) it; it
+    # also follows a save's .old-* copy.
+    path = Path(args.model)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     for p in args.data:
         if not Path(p).exists():
             from calm.data import DataError
@@ -636,7 +638,7 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = _resolve_device(args.device)
-    model = load_model(path, device=device, ae_path=args.ae)
+    model = load_model(path, device=device, ae_path=args.ae, verify=not args.no_verify)
     kind = model.config.kind
     if args.max_tokens is not None and args.max_tokens < 1:
         raise ValueError(f"--max-tokens must be >= 1, got {args.max_tokens}")

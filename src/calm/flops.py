@@ -259,6 +259,12 @@ def flops_report(
                 + 3 * 2 * N * N * config.latent_dim,
                 "ae_encoder": 2 * ae_counts["encoder_matmul"],  # frozen, forward only
             }
+            if config.aux_token_weight > 0:  # training only: h -> K·d, then K tied vocab projections
+                step_train["aux_token_head"] = 3 * 2 * (K * d * d + K * d * V)
+                params["aux_token_head"] = K * d * d + K * d + d
+                params["total"] += params["aux_token_head"]
+                params["total_with_autoencoder"] += params["aux_token_head"]
+                notes.append("auxiliary token head (training only): its matmuls count in training FLOPs")
             step_infer = {
                 "input_compression": 2 * comp_matmul,
                 "backbone": 2 * bb_matmul,
@@ -396,6 +402,7 @@ _LABELS = {
     "backbone": "backbone",
     "lm_head": "LM head",
     "energy_head": "energy head",
+    "aux_token_head": "aux token head (train)",
     "attention": "attention scores",
     "energy_loss": "energy score (N×M dists)",
     "ae_encoder": "AE encoder (targets)",

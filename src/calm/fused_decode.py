@@ -187,7 +187,7 @@ class FusedHeadDecoder:
         for b in ae.decoder_post:
             add(b.norm.weight, b.mlp.gate_proj.weight, b.mlp.up_proj.weight, b.mlp.down_proj.weight)
         add(ae.decoder_norm.weight, ae.lm_head.weight)
-        if any(t is None for t in tensors) or type(head) is not EnergyHead:
+        if any(t is None for t in tensors) or type(head) is not EnergyHead or head.atoms is not None:
             raise KernelUnavailable("the energy head is not the stock module")
         if any(not t.is_contiguous() or t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors):
             raise KernelUnavailable("the kernel needs contiguous float32 weights on the CPU")

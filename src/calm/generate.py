@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from calm.cli import add_official_ae_argument
+from calm.cli import add_no_verify_argument, add_official_ae_argument
 
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -76,14 +76,14 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
         help="CALM exact sampler: bound on the draws per row and step (default: --num-samples)",
     )
     parser.add_argument(
-        "--decode-dtype",
+        "--dtype",
         choices=["model", "bfloat16"],
         default="model",
-        help="CALM: dtype of the energy head and autoencoder decoder; bfloat16 is faster at low temperature "
-        "(N candidates decoded per step; at T = 1 with one prompt it can be slower on CPU) but a near-tied "
-        "token may decode differently",
+        help="run the whole model in this dtype: model = as stored (float32); bfloat16 is faster on GPUs "
+        "(and on CPUs with AMX at large batch) and decodes the bf16 model's own argmax",
     )
     add_official_ae_argument(parser)
+    add_no_verify_argument(parser)
     parser.add_argument("--seed", type=int, default=None, help="random seed (prompt i uses seed + i)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available)")
     parser.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-text token")
@@ -97,6 +97,8 @@ def read_prompts(args) -> list[str]:
     prompts = list(args.prompt or [])
     if args.prompt_file:
         path = Path(args.prompt_file)
+        if path.is_dir():
+            raise GenerationError(f"--prompt-file {path} is a directory; give a text file with one prompt per line")
         if not path.is_file():
             raise FileNotFoundError(f"prompt file not found: {path}")
         try:
@@ -160,12 +162,16 @@ def _device(name: str):
 
 
 def run_generate(args) -> int:
+    import torch
+
     from calm.checkpoint import load_model
     from calm.generation import GenerationError, generate
 
     prompts = read_prompts(args)
     device = _device(args.device)
-    model = load_model(args.model, device=device, ae_path=args.ae)
+    model = load_model(args.model, device=device, ae_path=args.ae, verify=not args.no_verify)
+    if args.dtype == "bfloat16":
+        model = model.to(torch.bfloat16)
     kind = getattr(model.config, "kind", None)
     if kind not in ("calm", "ar"):
         raise GenerationError(
@@ -220,7 +226,6 @@ def run_generate(args) -> int:
             sampler=args.sampler,
             num_candidates=args.num_samples,
             max_draws=args.max_draws,
-            decode_dtype=None if args.decode_dtype == "model" else args.decode_dtype,
         )
     t0 = time.perf_counter()
     new, stats = generate(model, ids, **kwargs)

@@ -41,22 +41,15 @@ Temperature
     reweighted in one batched pass.
     T = 1 is one head sample. T > 1 is impossible without logits (see `check_temperature`).
 
-Decoding the candidates is the cost of low temperature
-    At N = 200 every step decodes 200 latents per row through the autoencoder decoder, and the
-    vocabulary projection (K · V · d per candidate) dominates. `tied_argmax` takes that argmax
-    exactly but cheaply where bf16 matrix units exist (AMX CPUs, CUDA): a bf16 matmul gives
-    every logit within a proven error bound, only the groups of 16 tokens that can still hold
-    the maximum are rescored in float32, and the result is the float32 argmax. The decoder
-    trunk before that projection stays in the model's dtype; ``decode_dtype=torch.bfloat16``
-    runs head and decoder on bf16 copies instead (faster for many candidates, not exact).
-    Each step's CALM input (the chunk just produced) is K rows of a precomputed table
-    (`calm.fast_decode.ChunkInputTable`), not a matmul over the K·d flattened embeddings.
-    With a few rows per step (batch 1 at T = 1, the first blocks of the exact sampler) on CPU,
-    head + decoder + argmax run as one compiled call (`calm.fused_decode`) instead of ~80
-    small PyTorch ops whose dispatch costs more than their arithmetic.
-    Identical chunks are counted with tensor ops (`calm.sampling.chunk_counts`) and one chunk
-    is chosen per row (`choose_approx`), without a loop over rows; this bookkeeping is well
-    under 1% of a step at N = 200 (benchmarks/bench_decode.py).
+Decoding: one decoder per model (`calm.decoding.ChunkDecoder`, the autoencoder decoder's exact
+    float32 argmax), driven by `calm.calm_sampler.ChunkSampler`, which owns the temperature rule.
+    The temperature samplers only compare draws for equality, so on the CPU a draw's token
+    positions are decoded only as far as another draw of the row shares its prefix
+    (`calm.decoding.DrawClasses`): when the model is unsure, about one position per draw
+    instead of K. Each step's CALM input (the chunk just produced) is K rows of a precomputed
+    table (`calm.fast_decode.ChunkInputTable`), not a matmul over the K·d flattened
+    embeddings. With a few rows at T = 1 on the CPU, head + decoder + argmax run as one
+    compiled call (`calm.fused_decode`) instead of ~80 small PyTorch ops.
 """
 
 from __future__ import annotations
@@ -69,8 +62,11 @@ from dataclasses import dataclass, field
 import torch
 
 from calm import fused_decode
-from calm.fast_decode import ChunkInputTable, decode_chunks, low_precision_copies, tied_argmax
-from calm.sampling import inverse_cdf_choice, sample_approx, sample_exact, split_inverse_temperature
+from calm.calm_sampler import SAMPLERS, ChunkSampler
+from calm.decoding import tied_argmax
+from calm.fast_decode import ChunkInputTable
+from calm.rng import NoiseBlocks, RowRandom
+from calm.sampling import inverse_cdf_choice, sample_approx, split_inverse_temperature
 
 __all__ = [
     "GenerationError",
@@ -78,138 +74,16 @@ __all__ = [
     "RowRandom",
     "check_temperature",
     "choose_approx",
-    "decode_chunks",
     "generate",
     "prepare_prompts",
     "tied_argmax",
 ]
 
-SAMPLERS = ("approx", "exact")
-_EXACT_MAX_BLOCK = 64  # the exact sampler's draws per call double up to this
 _DEFAULT = object()  # "take it from the model / tokenizer"
 
 
 class GenerationError(ValueError):
     """Bad arguments to `generate` (the message says which and why)."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Per-row counter-based random numbers
-
-_MASK64 = (1 << 64) - 1
-
-
-def _signed64(x: int) -> int:
-    x &= _MASK64
-    return x - (1 << 64) if x >= (1 << 63) else x
-
-
-_GOLDEN = _signed64(0x9E3779B97F4A7C15)
-_MIX1 = _signed64(0xBF58476D1CE4E5B9)
-_MIX2 = _signed64(0x94D049BB133111EB)
-
-
-def _mix64_int(z: int) -> int:
-    """splitmix64's finaliser on a Python int (unsigned 64-bit result)."""
-    z &= _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return z ^ (z >> 31)
-
-
-def _mix64(x: torch.Tensor) -> torch.Tensor:
-    """splitmix64's finaliser on int64 tensors: multiplications wrap around (two's complement),
-    right shifts are made logical by masking, so the bits equal the unsigned 64-bit reference."""
-    x = x ^ ((x >> 30) & ((1 << 34) - 1))
-    x = x * _MIX1
-    x = x ^ ((x >> 27) & ((1 << 37) - 1))
-    x = x * _MIX2
-    return x ^ ((x >> 31) & ((1 << 33) - 1))
-
-
-class RowRandom:
-    """Independent uniform streams, one per batch row, addressed by counters (no state).
-
-    ``uniform(stream, shape)`` returns [B, *shape] values in the open interval (0, 1); row b's
-    values are a pure function of (its seed, ``stream``, the element index): splitmix64 of a
-    per-(row, stream) key plus the index times the golden ratio, i.e. splitmix64's own output
-    sequence from that key. Rows can be dropped (`select`) without changing the others' values.
-    Vectorised int64 tensor ops, on CPU and CUDA.
-    """
-
-    def __init__(self, seeds: Sequence[int], device: torch.device | str = "cpu"):
-        self.seeds = [int(s) for s in seeds]
-        keys = [_signed64(_mix64_int(_mix64_int(s & _MASK64) + 0x632BE59BD9B4E019)) for s in self.seeds]
-        self.keys = torch.tensor(keys, dtype=torch.int64, device=device)
-        self._index_cache: dict[int, torch.Tensor] = {}
-
-    def __len__(self) -> int:
-        return self.keys.shape[0]
-
-    def select(self, rows: torch.Tensor) -> None:
-        """Keep only the rows `rows` (indices into the current rows)."""
-        self.keys = self.keys[rows]
-
-    def _index(self, n: int, offset: int = 0) -> torch.Tensor:
-        if offset:  # (i + offset)·G = i·G + offset·G modulo 2^64, as int64 arithmetic wraps
-            return self._index(n) + _signed64(offset * 0x9E3779B97F4A7C15)
-        idx = self._index_cache.get(n)
-        if idx is None:
-            idx = (torch.arange(1, n + 1, dtype=torch.int64, device=self.keys.device) * _GOLDEN).view(1, n)
-            if len(self._index_cache) > 16:
-                self._index_cache.clear()
-            self._index_cache[n] = idx
-        return idx
-
-    def bits(self, stream: Sequence[int], n: int, offset: int = 0) -> torch.Tensor:
-        """[B, n] int64 random bits: elements offset .. offset + n - 1 of the counter ``stream``
-        (a tuple of non-negative ints), so consecutive calls can continue one sequence."""
-        salt = 0x5851F42D4C957F2D
-        for s in stream:
-            salt = _mix64_int(salt ^ _mix64_int(int(s) + 0x2545F4914F6CDD1D))
-        key = _mix64(self.keys ^ _signed64(salt)).view(-1, 1)
-        return _mix64(key + self._index(n, offset))
-
-    def uniform(
-        self, stream: Sequence[int], shape: Sequence[int] = (), dtype=torch.float32, *, offset: int = 0
-    ) -> torch.Tensor:
-        """[B, *shape] uniforms in (0, 1): 24 random bits for float32/bf16/fp16, 53 for float64;
-        elements `offset` onwards of the stream (row-major over `shape`)."""
-        shape = tuple(int(s) for s in shape)
-        x = self.bits(stream, math.prod(shape), offset)
-        if dtype == torch.float64:
-            u = ((x >> 11) & ((1 << 53) - 1)).to(torch.float64).mul_(2.0**-53).add_(2.0**-54)
-        else:
-            u = ((x >> 40) & ((1 << 24) - 1)).to(torch.float32).mul_(2.0**-24).add_(2.0**-25)
-            u = u.to(dtype)
-        return u.view(len(self), *shape)
-
-
-class _NoiseBlocks:
-    """Noise for many future steps drawn in one call (per-step overhead matters at batch 1).
-
-    Block size depends only on the per-row shape, never on the batch size, so the values a row
-    gets for a step are independent of the batch composition.
-    """
-
-    def __init__(self, rng: RowRandom, purpose: int, shape: Sequence[int], dtype, *, shift: float = 0.0):
-        self.rng, self.purpose, self.shape, self.dtype, self.shift = rng, purpose, tuple(shape), dtype, shift
-        per_step = max(1, math.prod(self.shape))
-        self.block = max(1, min(64, (1 << 16) // per_step))
-        self._index = -1
-        self._values: torch.Tensor | None = None
-
-    def select(self, rows: torch.Tensor) -> None:
-        if self._values is not None:
-            self._values = self._values[rows]
-
-    def get(self, step: int) -> torch.Tensor:
-        index, offset = divmod(step, self.block)
-        if index != self._index:
-            u = self.rng.uniform((self.purpose, index), (self.block, *self.shape), self.dtype)
-            self._values = u.sub_(self.shift) if self.shift else u
-            self._index = index
-        return self._values[:, offset]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -368,6 +242,7 @@ class GenerationStats:
     num_candidates: int | None = None
     draws: int = 0  # CALM: head samples decoded (all rows, all steps)
     exact_hit_limit: int = 0  # CALM exact sampler: rows x steps that hit max_draws (fallback used)
+    decoded_positions: int = 0  # CALM: token positions decoded = vocabulary rows scored (all rows, steps)
     fused_draws: int = 0  # CALM: of `draws`, those decoded by the compiled kernel (calm.fused_decode)
     phases: dict[str, float] = field(default_factory=dict)  # with profile=True: time per phase
 
@@ -483,39 +358,17 @@ class _Rows:
 # generate()
 
 
-_DTYPES = {
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
-_DTYPES.update({"float32": torch.float32, "fp32": torch.float32})
-
-
-def _decode_dtype(value, model) -> torch.dtype | None:
-    """None, or the dtype for CALM's head and decoder (None if it is the model's)."""
-    if value is None or value == "model":
-        return None
-    dtype = _DTYPES.get(value) if isinstance(value, str) else value
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise GenerationError(f"decode_dtype must be None, 'bfloat16', 'float16' or 'float32', got {value!r}")
-    return None if dtype == next(model.parameters()).dtype else dtype
-
-
-def _fused_kernel(choice, model, decode_dtype) -> fused_decode.FusedHeadDecoder | None:
+def _fused_kernel(choice, model) -> fused_decode.FusedHeadDecoder | None:
     """The `calm.fused_decode` kernel for CALM's small decoding steps, or None (see `generate`)."""
     if choice is False or _model_kind(model) != "calm":
         return None
     if choice not in (None, True):
         raise GenerationError(f"fused_kernel must be None, True or False, got {choice!r}")
     kernel, reason = None, None
-    if decode_dtype is not None:
-        reason = "decode_dtype asks for low-precision copies, which the kernel does not run"
-    else:
-        try:
-            kernel = fused_decode.kernel_for(model.head, model.autoencoder)
-        except fused_decode.KernelUnavailable as e:
-            reason = str(e)
+    try:
+        kernel = fused_decode.kernel_for(model.head, model.autoencoder)
+    except fused_decode.KernelUnavailable as e:
+        reason = str(e)
     if reason is not None and choice:
         raise GenerationError(f"fused_kernel=True but the fused decode kernel cannot be used: {reason}")
     return kernel
@@ -561,8 +414,6 @@ def generate(
     max_draws: int | None = None,
     draws_per_call: int = 8,
     drop_finished: bool = True,
-    screen: bool | None = None,
-    decode_dtype: torch.dtype | str | None = None,
     fused_kernel: bool | None = None,
     profile: bool = False,
     return_stats: bool = False,
@@ -595,16 +446,6 @@ def generate(
             (default: num_candidates) and its first block of draws (doubling per call, up to
             64); see `calm.sampling.sample_exact`.
         drop_finished: remove finished rows from the batch (and KV cache) to save compute.
-        screen: force (True) or forbid (False) the bf16-screened exact argmax of `tied_argmax`
-            for decoding CALM's candidates through PyTorch; None: automatic. (The fused kernel
-            takes the float32 argmax directly.)
-        decode_dtype: run CALM's energy head and autoencoder decoder in this dtype (cached
-            copies of their weights), e.g. torch.bfloat16: faster where bf16 matmuls are fast
-            (AMX CPUs, CUDA), most at T < 1 where every step decodes N candidates (at T = 1 and
-            batch 1 on CPU it can be slower: one-row bf16 matmuls cost more than float32 ones
-            there), but a latent whose top two token logits are within bf16 rounding may decode
-            differently. Default None: the model's own dtype (exact decoding; the vocabulary
-            argmax is still bf16-screened where that is exact, see `tied_argmax`).
         fused_kernel: CALM on CPU: decode steps of at most `calm.fused_decode.MAX_ROWS`
             latents with the compiled head + decoder + argmax kernel (the same tokens up to
             float32 rounding; compiled on first use). None (default): where it applies and
@@ -670,7 +511,6 @@ def generate(
         temperature=temperature,
         num_candidates=num_candidates if kind == "calm" and sampler == "approx" and temperature < 1 else None,
     )
-    low_dtype = _decode_dtype(decode_dtype, model) if kind == "calm" else None
     was_training = model.training
     model.eval()
     t0 = time.perf_counter()
@@ -687,19 +527,17 @@ def generate(
                 max_new_tokens,
                 rng,
                 stats,
-                T=temperature,
-                sampler=sampler,
-                N=num_candidates,
                 eos=eos,
                 pad=pad,
                 stream=stream,
                 drop_finished=drop_finished,
+                profile=profile,
+                temperature=temperature,
+                sampler=sampler,
+                num_candidates=num_candidates,
                 max_draws=max_draws,
                 draws_per_call=draws_per_call,
-                screen=screen,
-                decode_dtype=low_dtype,
-                fused_kernel=_fused_kernel(fused_kernel, model, low_dtype),
-                profile=profile,
+                fused_kernel=_fused_kernel(fused_kernel, model),
             )
     finally:
         model.train(was_training)
@@ -745,13 +583,14 @@ def _generate_ar(model, prompts, steps, T, rng, eos, pad, stream, drop_finished,
     cache = model.backbone.new_cache(B, tokens.shape[1] + steps - 1)
     timer = _Timer(profile, device)
     rows = _Rows(B, steps, steps, eos, stream, device, pad)
-    uniforms = _NoiseBlocks(rng, 1, (), torch.float64)
+    uniforms = NoiseBlocks(rng, 1, (), torch.float64)
     inv_t = 1.0 / T
+    from calm.sampling import temper_logits
 
     def sample(h: torch.Tensor, step: int) -> torch.Tensor:
         logits = model.lm_head(h).float()
         if inv_t != 1.0:
-            logits = (logits - logits.amax(-1, keepdim=True)).mul_(inv_t)
+            logits = temper_logits(logits, inv_t)  # T -> 0 is greedy, never NaN
         out = inverse_cdf_choice(logits, uniforms.get(step)).unsqueeze(1)  # [B, 1]
         timer.lap("sample")
         return out
@@ -780,28 +619,7 @@ def _generate_ar(model, prompts, steps, T, rng, eos, pad, stream, drop_finished,
     return rows
 
 
-def _generate_calm(
-    model,
-    prompts,
-    steps,
-    max_new,
-    rng,
-    stats,
-    *,
-    T,
-    sampler,
-    N,
-    eos,
-    pad,
-    stream,
-    drop_finished,
-    max_draws,
-    draws_per_call,
-    screen,
-    decode_dtype,
-    fused_kernel,
-    profile,
-):
+def _generate_calm(model, prompts, steps, max_new, rng, stats, *, eos, pad, stream, drop_finished, profile, **sampling):
     cfg = model.config
     K = cfg.chunk_size
     device = next(model.parameters()).device
@@ -815,81 +633,7 @@ def _generate_calm(
     cache = model.new_cache(B, chunks.shape[1] + steps - 1)
     timer = _Timer(profile, device)
     rows = _Rows(B, steps * K, max_new, eos, stream, device, pad)
-    n, alpha = split_inverse_temperature(T)
-    head = model.head
-    ae = model.autoencoder
-    noise_dim = head.noise_dim
-    noise_dtype = head.noise_embd.weight.dtype
-    if n == 1 and alpha == 0.0:
-        mode, per_step = "single", 1
-    elif sampler == "approx":
-        mode, per_step = "approx", N
-    else:
-        mode, per_step = "exact", 0
-    head_noise = _NoiseBlocks(rng, 2, (max(per_step, 1), noise_dim), noise_dtype, shift=0.5)
-    select_u = _NoiseBlocks(rng, 3, (), torch.float64)
-
-    def head_decode(h: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        if fused_kernel is not None and h.shape[0] * noise.shape[1] <= fused_decode.MAX_ROWS:
-            c = fused_kernel(h, noise)  # resolved once per call, as the chunk-input table
-            stats.fused_draws += c.shape[0] * c.shape[1]
-            timer.lap("head+decode")
-            return c
-        if decode_dtype is None:
-            z = head(h, noise)  # [b, m, l]
-            timer.lap("head")
-            c = decode_chunks(ae, z, screen=screen)  # [b, m, K]
-        else:  # the vocabulary argmax stays on the model's own (float32) weight
-            low_head, low_ae = low_precision_copies(model, decode_dtype)
-            z = low_head(h.to(decode_dtype), noise.to(decode_dtype))
-            timer.lap("head")
-            c = decode_chunks(low_ae, z, screen=screen, vocab_weight=ae.lm_head.weight)
-        timer.lap("decode")
-        return c
-
-    def sample(h: torch.Tensor, step: int) -> torch.Tensor:
-        if mode == "single":
-            stats.draws += h.shape[0]
-            return head_decode(h, head_noise.get(step))[:, 0]
-        if mode == "approx":
-            cands = head_decode(h, head_noise.get(step))
-            stats.draws += cands.shape[0] * cands.shape[1]
-            out = choose_approx(cands, T, select_u.get(step))
-            timer.lap("select")
-            return out
-        drawn = [0]  # draws read so far by every row still sampling
-
-        def draw(m: int, rows: torch.Tensor | None) -> torch.Tensor:
-            # a row's j-th draw of the step depends on (its seed, step, j) only: neither on the
-            # batch nor on how the sampler splits its draws into calls
-            noise = rng.uniform((4, step), (m, noise_dim), noise_dtype, offset=drawn[0] * noise_dim).sub_(0.5)
-            drawn[0] += m
-            timer.lap("select")
-            if rows is None:
-                stats.draws += m * h.shape[0]
-                return head_decode(h, noise)
-            stats.draws += m * rows.numel()
-            return head_decode(h.index_select(0, rows), noise.index_select(0, rows))
-
-        def uniform(key: int, m: int) -> torch.Tensor:
-            if key < 0:  # the choice at the bound
-                return rng.uniform((6, step), (m,), torch.float64)
-            return rng.uniform((5, step), (m,), torch.float64, offset=key)  # coins of draws key..
-
-        out, st = sample_exact(
-            draw,
-            T,
-            max_draws=max_draws,
-            draws_per_call=min(draws_per_call, max_draws),
-            max_draws_per_call=max(draws_per_call, _EXACT_MAX_BLOCK),
-            uniform=uniform,
-            active_rows=True,
-            return_stats=True,
-        )
-        stats.exact_hit_limit += st.num_hit_limit
-        timer.lap("select")
-        return out
-
+    sample = ChunkSampler(model, rng, stats=stats, timer=timer if profile else None, **sampling)
     table = ChunkInputTable.for_model(model)  # built outside the timed run, cached
 
     def advance(chunk: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -909,17 +653,6 @@ def _generate_calm(
     pos = positions[:, -1:] + 1
     stats.prefill_s = time.perf_counter() - t_prefill
     timer.lap("prefill")
-    _decode_loop(
-        h,
-        pos,
-        steps,
-        sample,
-        advance,
-        rows,
-        [cache, head_noise, select_u, rng],
-        drop_finished,
-        stats,
-        timer,
-    )
+    _decode_loop(h, pos, steps, sample, advance, rows, [cache, sample, rng], drop_finished, stats, timer)
     stats.phases = timer.phases
     return rows

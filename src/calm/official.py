@@ -63,6 +63,7 @@ import torch
 from torch import nn
 
 from calm.config import LLAMA3_VOCAB, AutoencoderConfig, CALMConfig
+from calm.filesystem import UnsafePathError, contained_path
 
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
@@ -183,18 +184,26 @@ def _weight_files(path: Path) -> tuple[str, list[Path], dict[str, str] | None]:
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
+                if not isinstance(weight_map, dict):
+                    raise TypeError(f"weight_map is a JSON {type(weight_map).__name__}, not an object")
             except (ValueError, KeyError, TypeError) as err:
                 raise OfficialFormatError(
                     f"{index} is not a valid shard index (no weight_map): {err}"
                 ) from err
-            names = sorted(set(weight_map.values()))
-            missing = [n for n in names if not (path / n).is_file()]
+            try:  # every shard named by the index must lie in the release directory
+                shard_of = {
+                    n: contained_path(path, n, f"{index} weight_map entry {k!r}") for k, n in weight_map.items()
+                }
+            except UnsafePathError as err:
+                raise OfficialFormatError(str(err)) from err
+            names = sorted(shard_of)
+            missing = [n for n in names if not shard_of[n].is_file()]
             if missing:
                 raise OfficialFormatError(
                     f"{path}: missing shard(s) {', '.join(missing)} listed in {index_name} "
                     f"({len(names) - len(missing)} of {len(names)} present); download the complete checkpoint"
                 )
-            return fmt, [path / n for n in names], weight_map
+            return fmt, [shard_of[n] for n in names], weight_map
         if (path / single).is_file():
             return fmt, [path / single], None
     # Shards without an index: accept them if the set is complete.
@@ -383,8 +392,15 @@ def _check_llama_features(path: Path, cfg: dict[str, Any]) -> None:
             )
 
 
+_ID_KEYS = ("eos_token_id", "pad_token_id")
+
+
 def _ae_special_ids(raw: dict[str, Any], vocab_size: int, tokenizer, notes: list[str]) -> dict[str, int]:
-    """pad/eot/mask ids for the converted autoencoder (see the module docstring on the mask)."""
+    """pad/eot/mask ids for the converted autoencoder (see the module docstring on the mask).
+
+    From the tokenizer when there is one, else from ``eos_token_id`` / ``pad_token_id`` of
+    `raw` (for a CALM release: its own config's, filled in from the autoencoder's), else
+    Llama-3's ids for its vocabulary size, else the last two ids (with a note)."""
     if tokenizer is not None:
         eot, pad = tokenizer.eot_id, tokenizer.pad_id
     else:
@@ -409,11 +425,13 @@ def autoencoder_config_from_official(
     tokenizer=None,
     notes: list[str] | None = None,
     prefix: str = "",
+    special_ids: dict[str, Any] | None = None,
 ) -> AutoencoderConfig:
     """Our `AutoencoderConfig` for the authors' autoencoder config `raw` (checked against `tensors`).
 
     `raw` may be empty (the ``ae_model.`` copy inside a CALM checkpoint has no config): the sizes
-    are then read off the tensor shapes.
+    are then read off the tensor shapes. `special_ids` (``eos_token_id`` / ``pad_token_id``, e.g.
+    from the CALM config) take precedence over `raw`'s.
     """
     notes = [] if notes is None else notes
     emb_key = prefix + "encoder.embed_tokens.weight"
@@ -476,7 +494,9 @@ def autoencoder_config_from_official(
             "kl_weight/kl_clamp/dropout set to the paper's values (training-only)"
         )
     dropout = float(raw.get("ae_dropout", _AE_TRAINING_DEFAULTS["ae_dropout"]))
-    ids = _ae_special_ids(raw, cfg["vocab_size"], tokenizer, notes)
+    ids_from = {k: raw[k] for k in _ID_KEYS if raw.get(k) is not None}
+    ids_from.update({k: v for k, v in (special_ids or {}).items() if v is not None})
+    ids = _ae_special_ids(ids_from, cfg["vocab_size"], tokenizer, notes)
     return AutoencoderConfig(
         vocab_size=cfg["vocab_size"],
         chunk_size=cfg["patch_size"],
@@ -836,10 +856,19 @@ def _head_prefix(ck: OfficialCheckpoint, notes: list[str]) -> str:
 
 
 def _find_sibling_autoencoder(ck: OfficialCheckpoint) -> Path | None:
+    """An autoencoder directory beside the release: the last part of the config's ``ae_path``,
+    then ``CALM-Autoencoder``. Only a plain directory name is taken (never ``..``)."""
     names = []
     ae_path = ck.config.get("ae_path")
     if isinstance(ae_path, str) and ae_path.strip("/"):
-        names.append(Path(ae_path.rstrip("/")).name)
+        name = Path(ae_path.rstrip("/")).name
+        if name in ("", ".", ".."):
+            raise OfficialFormatError(
+                f"{ck.path / CONFIG_FILE}: ae_path {ae_path!r} does not end in a directory name (its last "
+                f"part is {name!r}), so it names no sibling of {ck.path}; pass the autoencoder directory "
+                "with --ae AE_DIR (ae_path=AE_DIR)"
+            )
+        names.append(name)
     names.append("CALM-Autoencoder")
     for name in names:
         cand = ck.path.parent / name
@@ -895,8 +924,18 @@ def _load_calm(
             "`calm convert-official --calm DIR --ae AE_DIR --out OUT`, or "
             "calm.official.load_official(DIR, ae_path=AE_DIR)"
         )
+    # The special ids the model generates with come from the release's configs whichever way
+    # the autoencoder is found: the CALM config's, else the autoencoder config's.
+    calm_ids = {k: ck.config[k] for k in _ID_KEYS if _int_or_none(ck.config.get(k)) is not None}
+    differ = [
+        f"{k} {ck.config[k]} (CALM config) vs {ae_raw[k]} (autoencoder config)"
+        for k in calm_ids
+        if _int_or_none(ae_raw.get(k)) is not None and _int_or_none(ae_raw[k]) != _int_or_none(calm_ids[k])
+    ]
+    if differ and tokenizer is None:
+        notes.append("the configs disagree on " + "; ".join(differ) + ": the CALM config's ids are used")
     ae_cfg = autoencoder_config_from_official(
-        ae_raw, ae_tensors, path=where, tokenizer=tokenizer, notes=notes, prefix=prefix
+        ae_raw, ae_tensors, path=where, tokenizer=tokenizer, notes=notes, prefix=prefix, special_ids=calm_ids
     )
     head_prefix = _head_prefix(ck, notes)
     cfg = calm_config_from_official(ck.config, ck.tensors, ae_cfg, path=ck.path, head_prefix=head_prefix)

@@ -37,6 +37,7 @@ __all__ = [
     "approx_probabilities",
     "chunk_counts",
     "inverse_cdf_choice",
+    "temper_logits",
     "sample_approx",
     "sample_exact",
     "split_inverse_temperature",
@@ -89,6 +90,19 @@ def inverse_cdf_choice(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Te
     cdf = torch.softmax(logits, -1, dtype=torch.float64).cumsum_(-1)
     u = uniforms.to(cdf).unsqueeze(1) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[1] - 1).squeeze(1)
+
+
+def temper_logits(logits: torch.Tensor, inverse_temperature: float) -> torch.Tensor:
+    """``logits / T`` shifted so each row's maximum is 0, for any ``1/T`` in (0, inf].
+
+    The gaps to the row maximum are scaled by 1/T; entries at the maximum stay exactly 0 instead
+    of becoming ``0 * inf = NaN`` when 1/T overflows the logits' dtype (float32 past 3.4e38,
+    e.g. T = 1e-40), and gaps whose product overflows become -inf. So as T -> 0 the softmax
+    becomes one-hot on the maximum (uniform over exact ties): sampling equals greedy decoding,
+    instead of a NaN row that the inverse CDF turns into the last token id. A new tensor.
+    """
+    gaps = logits - logits.amax(-1, keepdim=True)
+    return (gaps * inverse_temperature).masked_fill_(gaps == 0, 0.0)
 
 
 def split_inverse_temperature(temperature: float) -> tuple[int, float]:

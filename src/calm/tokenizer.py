@@ -25,6 +25,7 @@ reads them back with the same ids.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -228,6 +229,15 @@ class Tokenizer:
 
     def to_str(self) -> str:
         return self.hf.to_str()
+
+    def fingerprint(self) -> str:
+        """SHA-256 of what decides the ids: the tokenizer JSON and the special ids.
+
+        Two tokenizers with the same fingerprint turn every text into the same ids, so a model
+        trained with one can be trained further, or evaluated, on data prepared with the other.
+        """
+        special = json.dumps([self.eot_id, self.pad_id, self.mask_id])
+        return hashlib.sha256((self.to_str() + "\n" + special).encode()).hexdigest()
 
     # ------------------------------------------------------------------ use
     @property

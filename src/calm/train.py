@@ -9,6 +9,16 @@ Determinism: the batch of step ``s`` is a pure function of ``(seed, s)`` (`calm.
 random draw of a model comes from torch's global RNG, and checkpoints carry the optimizer,
 scheduler and RNG states, so a resumed run continues bit for bit (on CPU) where it stopped.
 
+Stopping: SIGINT (Ctrl-C) or SIGTERM lets the step in progress finish, saves a checkpoint of it,
+and raises `TrainingInterrupted` (the CLI exits 130 / 143, after a line saying where the
+checkpoint is); a second signal of the same kind stops at once without saving. Under torchrun
+the ranks agree on the step to stop after: the stop request rides on the all-reduce that
+already decides, once per step, whether every rank's loss and gradient are finite, so it costs
+no extra collective and no extra host sync.
+
+One writer per run directory: `train` holds an exclusive lock on ``out_dir/.lock``
+(`calm.filesystem.RunDirectoryLock`) from before it reads a checkpoint until it returns.
+
 Test hook: if the environment variable ``CALM_TEST_KILL_AT_STEP=N`` is set, the process
 SIGKILLs itself right after finishing step N (after any checkpoint of that step): the resume
 tests use it to simulate a crash at a known point.
@@ -23,6 +33,7 @@ import os
 import random
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -51,6 +62,7 @@ from calm.distributed import (
     is_fsdp,
     wrap_model,
 )
+from calm.filesystem import RunDirectoryInUse, RunDirectoryLock
 
 KILL_AT_STEP_ENV = "CALM_TEST_KILL_AT_STEP"
 METRICS_FILE = "metrics.jsonl"
@@ -60,6 +72,64 @@ TRAIN_CONFIG_FILE = "train_config.json"  # in training checkpoints, beside train
 
 class TrainingError(ValueError):
     """Training cannot go on (e.g. too many consecutive non-finite losses)."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped on SIGINT/SIGTERM after saving the checkpoint of the last finished step.
+
+    ``signal_name``, ``step``, ``checkpoint`` (path) and ``exit_code`` (128 + signal number:
+    130 for SIGINT, 143 for SIGTERM). ``str(err)`` is the line printed for the user.
+    """
+
+    def __init__(self, signum: int, step: int, checkpoint: Path):
+        self.signal_name = signal.Signals(signum).name
+        self.step, self.checkpoint, self.exit_code = step, checkpoint, 128 + signum
+        super().__init__(
+            f"stopped by {self.signal_name} after step {step}: checkpoint saved in {checkpoint}; "
+            "continue with --resume"
+        )
+
+
+class _StopRequest:
+    """SIGINT/SIGTERM handlers that only record the signal, for the loop to act on at a step boundary.
+
+    Installed only in the main thread (Python delivers signals there). A second signal of the
+    kind already received restores the previous handlers and stops at once (KeyboardInterrupt);
+    another kind is noted and ignored (Ctrl-C under torchrun sends SIGINT to the workers and the
+    agent then SIGTERM: both mean "stop", and saving must go on).
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum = 0
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum == signum:
+            self.restore()
+            raise KeyboardInterrupt
+        if not self.signum:
+            self.signum = signum
+            os.write(
+                2,
+                f"\n{signal.Signals(signum).name}: finishing the current step, then saving a checkpoint "
+                f"(send it again to stop at once without saving)\n".encode(),
+            )
+
+    def __enter__(self) -> _StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -81,26 +151,41 @@ def lr_multiplier(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+def param_groups(
+    model: nn.Module, weight_decay: float, lr: float | None = None, lr_scales: dict[str, float] | None = None
+) -> list[dict[str, Any]]:
     """AdamW groups: decay for matrices, none for vectors/scalars (norms, biases) and embeddings.
 
     Frozen parameters (``requires_grad=False``, e.g. CALM's autoencoder) are left out. Tied
-    parameters appear once (under their first name).
+    parameters appear once (under their first name). lr_scales ({module prefix: factor},
+    `TrainConfig.lr_scales`) puts the parameters under each prefix into groups of their own
+    with ``lr * factor`` (the schedule multiplies every group's lr alike).
     """
     embedding_params = {
         id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters(recurse=False)
     }
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
+    scales = lr_scales or {}
+    unknown = [p for p in scales if not any(n.startswith(p + ".") for n, _ in model.named_parameters())]
+    if unknown:
+        raise ConfigError(f"lr_scale names no parameters of {type(model).__name__}: {', '.join(unknown)}")
+    groups: dict[tuple[bool, float], list] = {}
+    for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or id(p) in embedding_params else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+        decay = not (p.ndim < 2 or id(p) in embedding_params)
+        factor = next((f for prefix, f in scales.items() if name.startswith(prefix + ".")), 1.0)
+        groups.setdefault((decay, factor), []).append(p)
+    out = []
+    for (decay, factor), params in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1])):
+        group = {"params": params, "weight_decay": weight_decay if decay else 0.0}
+        if factor != 1.0:
+            group["lr"] = lr * factor if lr is not None else None
+        out.append(group)
+    return out
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device | None = None):
-    groups = param_groups(model, cfg.weight_decay)
+    groups = param_groups(model, cfg.weight_decay, cfg.lr, cfg.lr_scales)
     if not groups:
         raise TrainingError(f"{type(model).__name__} has no trainable parameters")
     kwargs = {"fused": True} if device is not None and device.type == "cuda" else {}
@@ -288,22 +373,62 @@ def train(
     keep_checkpoints: also keep ``out_dir/checkpoint-<step>`` for every save.
 
     Returns a summary dict (final step, last train/val losses, tokens, time, checkpoint path).
+    Raises `TrainingInterrupted` after saving when SIGINT/SIGTERM stopped the run early, and
+    `RunDirectoryInUse` when another live process trains into `out_dir`.
     """
     info: DistInfo = init_distributed(device)
-    device, main = info.device, info.is_main
-    out_dir = Path(out_dir)
-    ckpt_path = out_dir / CHECKPOINT_NAME
-    metrics_path = out_dir / METRICS_FILE
     if cfg.batch_size % (info.world_size * cfg.grad_accum):
         raise ConfigError(
             f"batch_size {cfg.batch_size} must be divisible by world_size x grad_accum "
             f"= {info.world_size} x {cfg.grad_accum}"
         )
-    micro = cfg.batch_size // (info.world_size * cfg.grad_accum)  # windows per micro-batch per rank
     if isinstance(data, (str, os.PathLike)):
-        data = PreparedData(data)
+        data = PreparedData(data)  # bad data is an error before anything is created in out_dir
     if hasattr(data, "check_token_ids") and hasattr(model.config, "vocab_size"):
-        data.check_token_ids(model.config.vocab_size)
+        data.check_token_ids(model.config.vocab_size)  # out-of-range ids: an error before training
+    if resume:
+        resolve_checkpoint(Path(out_dir) / CHECKPOINT_NAME)  # read again below, under the lock
+    lock = RunDirectoryLock(out_dir)
+    refusal = None
+    if info.is_main:
+        try:
+            lock.acquire()
+        except RunDirectoryInUse as err:
+            refusal = str(err)
+    refusal = all_gather_object(refusal)[0]  # every rank stops if rank 0 could not lock
+    if refusal:
+        raise RunDirectoryInUse(refusal)
+    try:
+        with _StopRequest() as stop:
+            return _train(
+                model, cfg, data, Path(out_dir), info, stop,
+                tokenizer=tokenizer, resume=resume, eval_fn=eval_fn, strategy=strategy,
+                quiet=quiet, keep_checkpoints=keep_checkpoints,
+            )  # fmt: skip
+    finally:
+        lock.release()
+
+
+def _train(
+    model: nn.Module,
+    cfg: TrainConfig,
+    data,
+    out_dir: Path,
+    info: DistInfo,
+    stop: _StopRequest,
+    *,
+    tokenizer,
+    resume: bool,
+    eval_fn,
+    strategy: str,
+    quiet: bool,
+    keep_checkpoints: bool,
+) -> dict[str, Any]:
+    """The body of `train`, run with the run directory locked and the stop handlers installed."""
+    device, main = info.device, info.is_main
+    ckpt_path = out_dir / CHECKPOINT_NAME
+    metrics_path = out_dir / METRICS_FILE
+    micro = cfg.batch_size // (info.world_size * cfg.grad_accum)  # windows per micro-batch per rank
     raw = model
 
     # -- state: fresh or resumed ------------------------------------------------------------
@@ -366,7 +491,9 @@ def train(
     val = val[: len(val) - len(val) % info.world_size][info.rank :: info.world_size]
     if val_count and not len(val) and main:
         _say(
-            f"note: no validation windows of {cfg.block_size} tokens in the data; validation loss is not computed"
+            f"warning: the validation split has fewer than {info.world_size} window(s) of "
+            f"{cfg.block_size} tokens (block_size; one per process); validation loss is not computed. "
+            "Prepare more validation text (calm prepare --val-fraction) or lower --block-size"
         )
 
     tokens_per_step = cfg.batch_size * cfg.block_size
@@ -393,18 +520,21 @@ def train(
         out: dict[str, float] = {}
         with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(cfg.seed + 1)  # the same noise at every evaluation; training RNG untouched
-            for batch in val.split(micro):
+            for batch in val.split(micro) if len(val) else ():
                 with amp:
                     loss, metrics = loss_call(batch.to(device))
                 avg.add({**metrics, "loss": loss}, weight=len(batch))
             if len(val):
-                out = {f"val_{k}": v for k, v in _global_means(avg).items()}
+                means = _global_means(avg)
+                derived = getattr(raw, "derived_metrics", None)  # e.g. CALM's gap_closed
+                means.update(derived(means) if derived is not None else {})
+                out = {f"val_{k}": v for k, v in means.items()}
             if eval_fn is not None:
                 out.update(eval_fn(raw, step) or {})
         raw.train()
         return out
 
-    def save(step: int) -> None:
+    def save(step: int, announce: str | None = None) -> None:
         rngs = all_gather_object(capture_rng_state())
         full_sd = None
         if is_fsdp(raw):
@@ -441,6 +571,8 @@ def train(
                     extra_files=extra,
                     state_dict=full_sd,
                 )
+            if announce:  # before the barrier: the line is out before any rank exits
+                _say(announce)
         barrier()
 
     from tqdm import tqdm
@@ -454,7 +586,7 @@ def train(
         unit="step",
         desc=f"train {raw.config.kind}",
     )
-    done = start_step
+    done, stopped_by = start_step, 0
     try:
         for step in range(start_step, cfg.steps):
             batch = data.train_batch(
@@ -475,7 +607,12 @@ def train(
                 grad_norm = grad_norm.full_tensor()
             finite = finite * torch.isfinite(grad_norm).float()
             lr = optimizer.param_groups[0]["lr"]
-            if all_reduce_min(finite).item() > 0:  # every rank agrees to step or to skip
+            # Every rank agrees to step or to skip, and whether to stop after this step: one MIN
+            # all-reduce of [finite, -signal number] and one host read, as for the finite flag alone.
+            agreed = all_reduce_min(torch.stack([finite, finite.new_full((), -float(stop.signum))]))
+            all_finite, stop_signum = agreed.tolist()
+            stopping = int(-stop_signum)
+            if all_finite > 0:
                 optimizer.step()
                 scheduler.step()
                 bad_steps = 0
@@ -523,13 +660,19 @@ def train(
                     log({"split": "val", "step": done, **last_val, "elapsed_s": elapsed()})
                     if main and not quiet:
                         _say(f"step {done}: " + ", ".join(f"{k} {v:.4g}" for k, v in last_val.items()))
-            if (cfg.save_every > 0 and done % cfg.save_every == 0) or done == cfg.steps:
-                save(done)
+            stopped_by = stopping if done < cfg.steps else 0  # the last step: just finish
+            if (cfg.save_every > 0 and done % cfg.save_every == 0) or done == cfg.steps or stopped_by:
+                note = str(TrainingInterrupted(stopped_by, done, ckpt_path)) if stopped_by else None
+                save(done, announce=note)
             paused += time.perf_counter() - t_pause
             if kill_at and done == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
+            if stopped_by:
+                break
     finally:
         bar.close()
+    if stopped_by:
+        raise TrainingInterrupted(stopped_by, done, ckpt_path)
     if start_step >= cfg.steps and main:
         _say(f"nothing to do: the checkpoint is already at step {start_step} of {cfg.steps}")
     return {
@@ -739,8 +882,25 @@ def _finish(args, summary: dict[str, Any]) -> int:
     return 0
 
 
+def check_same_tokenizer(trained_with, data_tok, what: str, whose: str, data_dir) -> None:
+    """Refuse data prepared with another tokenizer than the one a model was trained with.
+
+    Compares `Tokenizer.fingerprint` (the tokenizer JSON and the special ids): two tokenizers
+    of the same size can still map text to different ids. `what` names the model ("the
+    autoencoder in DIR"), `whose` the tokenizer to use ("the autoencoder's").
+    """
+    if trained_with is None:
+        return
+    if trained_with.vocab_size != data_tok.vocab_size or trained_with.fingerprint() != data_tok.fingerprint():
+        raise ConfigError(
+            f"{what} was trained with a different tokenizer than the data in {data_dir}; "
+            f"prepare the data with {whose} tokenizer"
+        )
+
+
 def _run(args, kind: str, build) -> int:
     """Shared body of the two commands: configs, model, train, summary."""
+    from calm.checkpoint import load_tokenizer
     from calm.models import build_model
 
     data = PreparedData(args.data)
@@ -752,6 +912,10 @@ def _run(args, kind: str, build) -> int:
                 f"the checkpoint's vocab_size {model_cfg.vocab_size} differs from the data's "
                 f"tokenizer ({tok.vocab_size})"
             )
+        ckpt = resolve_checkpoint(Path(args.out) / CHECKPOINT_NAME)
+        check_same_tokenizer(
+            load_tokenizer(ckpt), tok, f"the checkpoint in {ckpt}", "the checkpoint's", args.data
+        )
         build = build_model
     else:
         model_cfg, cfg = _fresh_configs(args, kind, tok)
@@ -768,19 +932,25 @@ def _run(args, kind: str, build) -> int:
         windows = data.val_windows(cfg.block_size, max(1, brier_tokens // cfg.block_size))
         if len(windows):
             eval_fn = brier_eval_fn(windows, seed=cfg.seed)
-    summary = train(
-        model,
-        cfg,
-        data,
-        args.out,
-        tokenizer=tok,
-        eval_fn=eval_fn,
-        resume=args.resume,
-        device=args.device,
-        strategy=args.strategy,
-        quiet=args.quiet,
-        keep_checkpoints=args.keep_checkpoints,
-    )
+    try:
+        summary = train(
+            model,
+            cfg,
+            data,
+            args.out,
+            tokenizer=tok,
+            eval_fn=eval_fn,
+            resume=args.resume,
+            device=args.device,
+            strategy=args.strategy,
+            quiet=args.quiet,
+            keep_checkpoints=args.keep_checkpoints,
+        )
+    except TrainingInterrupted:
+        from calm.distributed import destroy_distributed
+
+        destroy_distributed()
+        raise
     return _finish(args, summary)
 
 
@@ -854,15 +1024,15 @@ def run_train(args) -> int:
     ae = load_model(args.ae)
     if ae.config.kind != "autoencoder":
         raise ConfigError(f"--ae {args.ae} holds a {ae.config.kind} model, not an autoencoder")
-    ae_tok = getattr(ae, "tokenizer", None)
     data_tok = PreparedData(args.data).tokenizer()
-    if ae.config.vocab_size != data_tok.vocab_size or (
-        ae_tok is not None and ae_tok.to_str() != data_tok.to_str()
-    ):
+    if ae.config.vocab_size != data_tok.vocab_size:
         raise ConfigError(
             f"the autoencoder in {args.ae} was trained with a different tokenizer than the data in "
             f"{args.data}; prepare the data with the autoencoder's tokenizer"
         )
+    check_same_tokenizer(
+        getattr(ae, "tokenizer", None), data_tok, f"the autoencoder in {args.ae}", "the autoencoder's", args.data
+    )
 
     def build(config):
         config = config.replace(

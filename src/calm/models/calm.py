@@ -13,12 +13,13 @@ part of the module, so a CALM checkpoint carries it and one directory is enough 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from calm.config import AutoencoderConfig, CALMConfig, ConfigError
 from calm.models.autoencoder import ChunkAutoencoder
 from calm.models.energy import EnergyHead, energy_loss
-from calm.models.layers import init_weights
+from calm.models.layers import RMSNorm, init_weights
 from calm.models.transformer import Backbone, KVCache
 
 
@@ -43,6 +44,25 @@ def _check_compatible(config: CALMConfig, ae: AutoencoderConfig) -> None:
             )
 
 
+class NextChunkTokenHead(nn.Module):
+    """Light auxiliary head: h [..., d] -> logits [..., K, V] for the next chunk's K tokens.
+
+    Linear(d -> K·d), RMSNorm per token position, logits through the CALM input embedding
+    (tied, so the head adds only K·d² parameters). Trained with cross-entropy beside the energy
+    loss to give the backbone a dense, token-level learning signal; sampling never uses it.
+    """
+
+    def __init__(self, d_model: int, chunk_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.chunk_size = chunk_size
+        self.proj = nn.Linear(d_model, chunk_size * d_model)
+        self.norm = RMSNorm(d_model, eps)
+
+    def forward(self, h: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+        x = self.proj(h).unflatten(-1, (self.chunk_size, h.shape[-1]))
+        return F.linear(self.norm(x), embedding)
+
+
 class CALM(nn.Module):
     """Continuous autoregressive LM: compressed chunk inputs, Transformer backbone, energy head."""
 
@@ -59,7 +79,16 @@ class CALM(nn.Module):
         )
         self.backbone = Backbone(config)
         init_weights(self)  # embed, compress, backbone: N(0, 0.02)
-        self.head = EnergyHead(d, config.latent_dim, config.noise_dim, config.num_head_layers)
+        self.head = EnergyHead(
+            d,
+            config.latent_dim,
+            config.noise_dim,
+            config.num_head_layers,
+            zero_last=config.head_init == "zero",
+            noise_atoms=config.head_noise_atoms,
+        )
+        # Training-only auxiliary head (aux_token_weight > 0): h -> the next chunk's K tokens.
+        self.token_head = NextChunkTokenHead(d, K, config.norm_eps) if config.aux_token_weight > 0 else None
         self.autoencoder = ChunkAutoencoder(ae_config)
         self.autoencoder.requires_grad_(False)
         self.autoencoder.eval()
@@ -120,9 +149,9 @@ class CALM(nn.Module):
         x = self.chunk_inputs(tokens, token_valid)
         return self.backbone(x, positions=positions, valid=valid, cache=cache)
 
-    def new_cache(self, batch_size: int, max_len: int | None = None, device=None, dtype=None) -> KVCache:
-        """A KV cache for `batch_size` rows of at most `max_len` chunks."""
-        return self.backbone.new_cache(batch_size, max_len, device, dtype)
+    def new_cache(self, batch_size: int, max_len: int | None = None, device=None, dtype=None, *, static=False):
+        """A KV cache for `batch_size` rows of at most `max_len` chunks (`Backbone.new_cache`)."""
+        return self.backbone.new_cache(batch_size, max_len, device, dtype, static=static)
 
     # -- sampling -------------------------------------------------------------------------------
     def sample_latents(
@@ -150,7 +179,16 @@ class CALM(nn.Module):
 
     # -- training objective ---------------------------------------------------------------------
     def loss(self, tokens: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """Mean energy loss over chunk positions 1..C-1 of windows `tokens` [B, T]."""
+        """Mean energy loss over chunk positions 1..C-1 of windows `tokens` [B, T].
+
+        With ``aux_token_weight`` > 0, plus that weight times the auxiliary head's mean token
+        cross-entropy (metric ``aux_ce``). In eval mode the metrics also hold two reference
+        values of the same energy loss on the same targets, from the frozen autoencoder alone:
+        ``oracle_energy`` (samples from the true next chunk's posterior: the floor) and
+        ``context_free_energy`` (posterior samples of random other chunks of the batch: what a
+        predictor that ignores the context scores). `derived_metrics` turns them into the
+        fraction of that gap the model has closed.
+        """
         c = self.config
         chunks = self.to_chunks(tokens)
         B, C, _ = chunks.shape
@@ -172,7 +210,43 @@ class CALM(nn.Module):
             samples.float() - mu.unsqueeze(-2), targets, c.energy_alpha, return_parts=True, center=False
         )
         loss = per_pos.mean()
-        return loss, {"fidelity": fidelity.detach().mean(), "diversity": diversity.detach().mean()}
+        metrics = {"fidelity": fidelity.detach().mean(), "diversity": diversity.detach().mean()}
+        if self.token_head is not None or not self.training:
+            metrics["energy"] = loss.detach()  # the loss without the auxiliary term
+        if self.token_head is not None:
+            logits = self.token_head(h, self.embed.weight)  # [B, C-1, K, V]
+            aux = F.cross_entropy(logits.flatten(0, -2).float(), chunks[:, 1:].flatten())
+            loss = loss + c.aux_token_weight * aux
+            metrics["aux_ce"] = aux.detach()
+        if not self.training:
+            with torch.no_grad():
+                metrics.update(self._reference_energies(mu, std, targets))
+        return loss, metrics
+
+    def _reference_energies(self, mu: torch.Tensor, std: torch.Tensor, targets: torch.Tensor) -> dict:
+        """Energy loss of two samplers that need no model (see `loss`), on the same targets."""
+        c = self.config
+        N, l = c.num_model_samples, c.latent_dim
+        lead = mu.shape[:-1]
+        oracle = torch.randn((*lead, N, l), device=mu.device).mul_(std.unsqueeze(-2))
+        flat_mu, flat_std = mu.reshape(-1, l), std.reshape(-1, l)
+        pick = torch.randint(0, flat_mu.shape[0], (*lead, N), device=mu.device)
+        other = flat_mu[pick] + torch.randn((*lead, N, l), device=mu.device) * flat_std[pick]
+        context_free = other - mu.unsqueeze(-2)
+        return {
+            "oracle_energy": energy_loss(oracle, targets, c.energy_alpha, center=False).mean(),
+            "context_free_energy": energy_loss(context_free, targets, c.energy_alpha, center=False).mean(),
+        }
+
+    @staticmethod
+    def derived_metrics(means: dict) -> dict:
+        """``gap_closed`` = (context-free − loss) / (context-free − oracle) of averaged eval metrics:
+        0 for a predictor that ignores the context, 1 for the true posterior (see `loss`)."""
+        try:
+            energy, cf, oracle = means["energy"], means["context_free_energy"], means["oracle_energy"]
+        except KeyError:
+            return {}
+        return {"gap_closed": (cf - energy) / (cf - oracle)} if cf > oracle else {}
 
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, dict]:
         return self.loss(tokens)

@@ -63,14 +63,29 @@ class EnergyHead(nn.Module):
     """Implicit generator of latent vectors conditioned on a hidden state (one pass per sample)."""
 
     def __init__(
-        self, d_model: int, latent_dim: int, noise_dim: int = 64, num_blocks: int = 1, eps: float = 1e-6
+        self,
+        d_model: int,
+        latent_dim: int,
+        noise_dim: int = 64,
+        num_blocks: int = 1,
+        eps: float = 1e-6,
+        *,
+        zero_last: bool = True,
+        noise_atoms: int = 0,
     ):
         super().__init__()
+        self.zero_last = zero_last
         self.d_model, self.latent_dim, self.noise_dim = d_model, latent_dim, noise_dim
         self.noise_embd = nn.Linear(noise_dim, d_model)
         self.hidden_embd = nn.Linear(d_model, d_model)
         self.norm_hidden = nn.LayerNorm(d_model, eps=eps)
         self.norm_noise = nn.LayerNorm(d_model, eps=eps)
+        # Discrete part of the noise (noise_atoms > 0): the first noise coordinate also picks one
+        # of `noise_atoms` learned vectors, added to the noise projection. The noise is still
+        # Uniform(-0.5, 0.5)^noise_dim; the head is just a step function of its first coordinate,
+        # which a smooth MLP can hardly learn: it lets samples fall into separate modes at once.
+        self.noise_atoms = noise_atoms
+        self.atoms = nn.Embedding(noise_atoms, d_model) if noise_atoms > 0 else None
         self.blocks = nn.ModuleList(HeadBlock(d_model, eps) for _ in range(num_blocks))
         self.final_layer = FinalLayer(d_model, latent_dim, eps)
         self.reset_parameters()
@@ -80,6 +95,9 @@ class EnergyHead(nn.Module):
 
         The zero last layer makes every initial sample the zero vector, so training starts from
         a collapsed but harmless predictor (the authors' choice, as in MAR's diffusion head).
+        The price: while that layer is zero, no gradient reaches the head's blocks or the
+        backbone, and at small scale escaping costs a few hundred steps. ``zero_last=False``
+        keeps the last layer Xavier-initialised like the others (bias still zero).
         """
         for m in self.modules():
             if isinstance(m, nn.Linear):
@@ -88,9 +106,10 @@ class EnergyHead(nn.Module):
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-        last = self.final_layer.linears[-1]
-        nn.init.zeros_(last.weight)
-        nn.init.zeros_(last.bias)
+        if self.atoms is not None:  # several times the noise projection's spread: distinct modes
+            nn.init.normal_(self.atoms.weight)
+        if self.zero_last:
+            nn.init.zeros_(self.final_layer.linears[-1].weight)
 
     def noise(
         self, shape: tuple[int, ...], device=None, generator: torch.Generator | None = None
@@ -108,7 +127,11 @@ class EnergyHead(nn.Module):
         Deterministic given the noise. The h-dependent terms are computed once per position.
         """
         h = self.norm_hidden(self.hidden_embd(h))
-        x = self.norm_noise(self.noise_embd(noise))
+        x = self.noise_embd(noise)
+        if self.atoms is not None:
+            index = ((noise[..., 0] + 0.5) * self.noise_atoms).long().clamp_(0, self.noise_atoms - 1)
+            x = x + self.atoms(index)
+        x = self.norm_noise(x)
         for block in self.blocks:
             x = block(x, block.hidden_part(h))
         return self.final_layer(x)

@@ -1,0 +1,136 @@
+"""The decoder object (calm.decoding): exactly the tokens of ChunkAutoencoder.decode on every path,
+and draw classes that tell head samples apart exactly as their full chunks would."""
+
+import pytest
+import torch
+
+from calm.config import AutoencoderConfig, CALMConfig
+from calm.decoding import ChunkDecoder, DrawClasses, tied_argmax
+from calm.models.calm import CALM
+
+
+def _calm(vocab=300, K=4, spread=1.0, seed=0) -> CALM:
+    torch.manual_seed(seed)
+    ae = AutoencoderConfig(vocab_size=vocab, chunk_size=K, latent_dim=8, d_model=32, ffn_dim=48)
+    cfg = CALMConfig(
+        d_model=32,
+        num_layers=2,
+        num_heads=2,
+        ffn_dim=48,
+        max_seq_len=32,
+        vocab_size=vocab,
+        chunk_size=K,
+        latent_dim=8,
+        noise_dim=6,
+        autoencoder=ae.to_dict(),
+        head_init="xavier",
+    )
+    model = CALM(cfg).eval()
+    with torch.no_grad():  # `spread` sets how often two head samples decode alike
+        model.head.final_layer.linears[-1].weight.mul_(spread)
+    return model
+
+
+@pytest.mark.parametrize("screen", [False, True])
+def test_decode_equals_the_autoencoder_reference(screen):
+    model = _calm(vocab=4096)
+    dec = ChunkDecoder.for_model(model)
+    dec.screen = screen  # both argmax paths, whatever this CPU has
+    z = torch.randn(257, 8) * 3
+    ref = model.autoencoder.decode(z)
+    assert torch.equal(dec.decode(z), ref)
+    # position by position gives the same tokens
+    shared = dec.shared(z)
+    by_position = torch.stack([dec.tokens_at(shared, k) for k in range(4)], -1)
+    assert torch.equal(by_position, ref)
+    h, noise = torch.randn(3, 32), torch.rand(3, 5, 6) - 0.5
+    assert torch.equal(dec.sample(h, noise), model.autoencoder.decode(model.head(h, noise)))
+
+
+def test_tied_argmax_ties_go_to_the_first_index():
+    W = torch.randn(4096, 32)
+    W[7] = W[3]  # exact tie between tokens 3 and 7
+    h = W[3:4].clone() * 10
+    assert tied_argmax(h, W, screen=True).item() == tied_argmax(h, W, screen=False).item() == 3
+
+
+def test_decoder_follows_weight_changes():
+    model = _calm(vocab=4096)
+    dec = ChunkDecoder.for_model(model)
+    z = torch.randn(64, 8) * 3
+    dec.decode(z)  # builds the cached bf16 screen where this CPU has one
+    with torch.no_grad():
+        model.autoencoder.embed.weight.mul_(-1)  # the tied vocabulary matrix (and the screen's source)
+        model.autoencoder.expand.weight.mul_(1.5)
+    assert torch.equal(dec.decode(z), model.autoencoder.decode(z))
+
+
+@pytest.mark.parametrize("spread", [1.0, 0.05, 0.0])
+def test_draw_classes_match_full_decoding(spread):
+    """Ids are equal exactly when the full chunks are, name the first draw of a chunk, never
+    change as draws arrive in several calls, and `chunks` gives the full chunks."""
+    model = _calm(vocab=40, spread=spread, seed=1)  # small vocabulary: prefixes often agree
+    dec = ChunkDecoder.for_model(model)
+    B, nd = 3, 6
+    h = torch.randn(B, 32)
+    noise = torch.rand(B, 23, nd) - 0.5
+    classes = DrawClasses(dec, h)
+    ids = torch.cat(
+        [
+            classes.draw(noise[:, :7]),
+            classes.draw(noise[:, 7:8]),
+            classes.draw(noise[:, 8:]),
+        ],
+        1,
+    )[..., 0]
+    full = model.autoencoder.decode(model.head(h, noise))  # [B, 23, K]
+    for b in range(B):
+        for j in range(23):
+            first = next(i for i in range(23) if torch.equal(full[b, i], full[b, j]))
+            assert ids[b, j].item() == first
+    assert torch.equal(classes.chunks(ids[:, -1]), full[:, -1])
+    assert torch.equal(classes.chunks(ids[:, 0]), full[:, 0])
+    if spread == 0.0:  # every sample the same chunk: every draw decoded in full
+        assert (ids == 0).all() and classes.positions_decoded == B * 23 * 4
+    if spread == 1.0:
+        assert classes.positions_decoded < B * 23 * 4  # most draws stop early
+
+
+def test_draw_classes_for_a_subset_of_rows():
+    model = _calm(vocab=40, spread=0.05, seed=2)
+    dec = ChunkDecoder.for_model(model)
+    h = torch.randn(4, 32)
+    noise = torch.rand(4, 10, 6) - 0.5
+    classes = DrawClasses(dec, h)
+    first = classes.draw(noise[:, :4])
+    rows = torch.tensor([1, 3])
+    later = classes.draw(noise[rows, 4:], rows)
+    full = model.autoencoder.decode(model.head(h, noise))
+    ids = torch.cat([first[rows], later], 1)[..., 0]
+    for i, b in enumerate(rows.tolist()):
+        for j in range(10):
+            first_j = next(k for k in range(10) if torch.equal(full[b, k], full[b, j]))
+            assert ids[i, j].item() == first_j
+    assert torch.equal(classes.chunks(ids[:, 5], rows), full[rows, 5])
+
+
+@pytest.mark.parametrize("temperature,sampler", [(0.5, "exact"), (0.4, "exact"), (0.7, "exact"), (0.5, "approx")])
+def test_lazy_draw_classes_give_the_chunks_of_full_decoding(temperature, sampler):
+    """The CPU path (draws told apart position by position) chooses exactly the chunks that
+    decoding every draw in full chooses, for the same row seeds."""
+    from calm.calm_sampler import ChunkSampler
+    from calm.rng import RowRandom
+
+    model = _calm(vocab=40, spread=0.3, seed=3)
+    h = torch.randn(5, 32)
+    outs, positions = [], []
+    for lazy in (True, False):
+        stats = type("S", (), {"draws": 0, "decoded_positions": 0, "exact_hit_limit": 0, "fused_draws": 0})()
+        s = ChunkSampler(
+            model, RowRandom(range(5)), temperature=temperature, sampler=sampler, num_candidates=48, stats=stats
+        )
+        s.lazy = lazy
+        outs.append(torch.stack([s(h, step) for step in range(3)]))
+        positions.append(stats.decoded_positions)
+    assert torch.equal(outs[0], outs[1])
+    assert positions[0] < positions[1]  # the point of it
