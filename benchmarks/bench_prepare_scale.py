@@ -16,6 +16,12 @@
    and on the whole corpus with 1 and 2 workers (``--shard-size`` default 1 GiB): wall time,
    MB/s of JSONL text, tokens/s, peak memory, shard sizes.
 
+The ratio `calm prepare` / `tokenizers` alone is reported twice: tokens per wall-clock second,
+and tokens per CPU-second (``calm prepare``: user + system time of the whole command and its
+workers, from ``wait4``; ``tokenizers``: ``time.process_time`` around the timed encoding), which
+holds steady on a shared machine where wall time depends on the other jobs. Both count the same
+tokens (``calm prepare``'s end-of-text ids excluded).
+
 Peak memory is the largest *sum* of the resident set sizes of the `calm prepare` process and its
 worker processes, sampled from /proc every 0.1 s (plus ``ru_maxrss`` of the largest single
 process). Every command runs under ``nice -n 19`` (the machine is shared); the 1-minute load
@@ -24,6 +30,7 @@ average before each is recorded.
 Usage::
 
     python benchmarks/bench_prepare_scale.py [--gb 2] [--sample-mb 200] [--out /tmp/bench_prepare_scale]
+    python benchmarks/bench_prepare_scale.py --skip-sample --workers 2 --shard-size 256M  # sharding
 """
 
 from __future__ import annotations
@@ -197,6 +204,10 @@ def main() -> int:
     parser.add_argument(
         "--skip-full", action="store_true", help="only the sample (no run on the whole corpus)"
     )
+    parser.add_argument(
+        "--skip-sample", action="store_true", help="only the whole corpus (no side-by-side ratio)"
+    )
+    parser.add_argument("--shard-size", default="1G", help="--shard-size of the runs on the whole corpus")
     parser.add_argument("--keep", action="store_true", help="keep the corpus and outputs")
     parser.add_argument("--results", default=str(REPO / "bench_out" / "prepare_scale.json"))
     args = parser.parse_args()
@@ -228,7 +239,7 @@ def main() -> int:
         calm = [*NICE, sys.executable, "-m", "calm", "prepare"]
         rows = []
 
-        def prepare_row(name, corpus, w):
+        def prepare_row(name, corpus, w, extra=()):
             cmd = [
                 *calm,
                 str(out / corpus),
@@ -237,7 +248,7 @@ def main() -> int:
                 "--tokenizer",
                 str(out / "tok"),
             ]
-            cmd += ["--workers", str(w), "--val-fraction", "0.001", "--json", "--no-progress"]
+            cmd += ["--workers", str(w), "--val-fraction", "0.001", "--json", "--no-progress", *extra]
             r = run_measured(cmd, env, out)
             s = json.loads(r["stdout"])
             meta = json.loads((out / f"out_{name}" / "meta.json").read_text())
@@ -305,7 +316,9 @@ def main() -> int:
             return row
 
         ratios = {}
-        for w in workers:  # side by side on the sample: the ceiling, then calm prepare
+        for w in (
+            [] if args.skip_sample else workers
+        ):  # side by side on the sample: ceiling, then calm prepare
             a = alone_row(w)
             p = prepare_row(f"sample-w{w}", "sample.jsonl.zst", w)
             ratios[f"{w}_wall"] = round(p["text_tokens_per_s"] / a["tokens_per_s"], 3)
@@ -313,7 +326,7 @@ def main() -> int:
         result["ratio_prepare_to_tokenizers_alone"] = ratios
         if not args.skip_full:
             for w in workers:
-                prepare_row(f"corpus-w{w}", "corpus.jsonl.zst", w)
+                prepare_row(f"corpus-w{w}", "corpus.jsonl.zst", w, ["--shard-size", args.shard_size])
         result["rows"] = rows
     finally:
         if not args.keep:
