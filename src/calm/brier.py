@@ -6,7 +6,8 @@ tokens ``[t, t + 4)`` (Brier-n uses the first n of them). Only positions with al
 tokens inside the window are scored, so ``t <= block_size - 4``.
 
 **CALM** (:func:`calm_window_scores`). CALM conditions on whole chunks, so it is scored at the
-chunk-aligned positions ``t = K, 2K, ...``. At each one the energy head is sampled twice, each
+chunk-aligned positions ``t = K, 2K, ...``. At each one the head (energy, flow or diffusion:
+any `calm.models.head.GenerativeHead`) is sampled twice, each
 sample decoded (frozen autoencoder, argmax) into K tokens, and the two token sequences are
 compared with the truth and with each other by :func:`calm.metrics.brier_from_samples`. With
 K >= 4 one step gives the four tokens (the first four of the chunk are used) and the whole

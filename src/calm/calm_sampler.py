@@ -67,8 +67,8 @@ class ChunkSampler:
         self.model, self.rng, self.T = model, rng, temperature
         self.decoder = ChunkDecoder.for_model(model)
         self.n, self.alpha = split_inverse_temperature(temperature)
-        head = model.head
-        self.noise_dim, self.noise_dtype = head.noise_dim, head.noise_embd.weight.dtype
+        self.head = head = model.head  # any `calm.models.head.GenerativeHead`
+        self.noise_dim, self.noise_dtype = head.noise_dim, head.noise_dtype
         if self.n == 1 and self.alpha == 0.0:
             self.mode = "single"
         else:
@@ -78,7 +78,9 @@ class ChunkSampler:
         self.draws_per_call = draws_per_call
         self.stats, self.timer, self.fused_kernel = stats, timer, fused_kernel
         per_step = num_candidates if self.mode == "approx" else 1
-        self.head_noise = NoiseBlocks(rng, _HEAD_NOISE, (per_step, self.noise_dim), self.noise_dtype, shift=0.5)
+        self.head_noise = NoiseBlocks(
+            rng, _HEAD_NOISE, (per_step, self.noise_dim), self.noise_dtype, transform=head.noise_from_uniform
+        )
         self.choice_u = NoiseBlocks(rng, _CHOICE, (), torch.float64)
         device = model.autoencoder.lm_head.weight.device
         self.lazy = device.type == "cpu"  # position-by-position draw classes (see module docstring)
@@ -151,7 +153,8 @@ class ChunkSampler:
         def draw(m: int, rows: torch.Tensor | None) -> torch.Tensor:
             # a row's j-th draw of the step depends on (its seed, step, j) only: neither on the
             # batch nor on how the sampler splits its draws into calls
-            noise = rng.uniform((_EXACT_NOISE, step), (m, nd), self.noise_dtype, offset=drawn[0] * nd).sub_(0.5)
+            u = rng.uniform((_EXACT_NOISE, step), (m, nd), self.noise_dtype, offset=drawn[0] * nd)
+            noise = self.head.noise_from_uniform(u)
             drawn[0] += m
             hh = h
             if rows is not None:

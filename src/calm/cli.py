@@ -66,6 +66,40 @@ def add_no_verify_argument(parser) -> None:
     )
 
 
+def add_head_sampling_arguments(parser) -> None:
+    """``--head-steps N`` and ``--head-solver NAME``: a CALM flow / diffusion head's sampling
+    settings at use time (see `apply_head_sampling`)."""
+    parser.add_argument(
+        "--head-steps",
+        type=int,
+        default=None,
+        metavar="N",
+        help="CALM flow or diffusion head: sampling steps (flow: ODE steps, diffusion: denoising "
+        "steps); default: the checkpoint's flow_steps / diffusion_steps. The energy head has none",
+    )
+    parser.add_argument(
+        "--head-solver",
+        default=None,
+        metavar="NAME",
+        help="CALM flow head: midpoint or euler; diffusion head: ddpm or ddim; default: the checkpoint's",
+    )
+
+
+def apply_head_sampling(model, args) -> None:
+    """Apply ``--head-steps`` / ``--head-solver`` to a loaded model (ConfigError naming the
+    setting when it is bad, the head has no such setting, or the model is not a CALM model)."""
+    steps, solver = getattr(args, "head_steps", None), getattr(args, "head_solver", None)
+    if steps is None and solver is None:
+        return
+    if getattr(model.config, "kind", None) != "calm":
+        from calm.config import ConfigError
+
+        raise ConfigError(
+            f"--head-steps / --head-solver apply to CALM models only, not {model.config.kind!r}"
+        )
+    model.set_head_sampling(steps=steps, solver=solver)
+
+
 def _top_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="calm",

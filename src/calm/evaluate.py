@@ -39,7 +39,12 @@ import numpy as np
 import torch
 
 from calm.brier import COLLISION_ESTIMATORS, DEFAULT_MAX_CACHE_BYTES, NGRAM, window_scores
-from calm.cli import add_no_verify_argument, add_official_ae_argument
+from calm.cli import (
+    add_head_sampling_arguments,
+    add_no_verify_argument,
+    add_official_ae_argument,
+    apply_head_sampling,
+)
 from calm.data import check_token_ids, make_windows
 from calm.metrics import BrierAccumulator
 
@@ -208,6 +213,9 @@ def _result(
             f"chunk-aligned: t = {c.chunk_size}, {2 * c.chunk_size}, ... <= {block_size - NGRAM}"
         )
         out["estimator"] = "two head samples per position, decoded by the frozen autoencoder (argmax)"
+        head = getattr(model, "head", None)
+        if hasattr(head, "describe"):
+            out["head"] = head.describe()
     else:
         out["positions_rule"] = (
             f"every position t = 1 .. {block_size - NGRAM}"
@@ -523,6 +531,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_official_ae_argument(parser)
     add_no_verify_argument(parser)
+    add_head_sampling_arguments(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed of the samples the estimators draw")
     parser.add_argument(
         "--batch-size",
@@ -591,6 +600,11 @@ def _num(x: float, digits: int = 4) -> str:
 def format_result(result: dict[str, Any]) -> str:
     """Human-readable report of an `evaluate_model` result (LM kinds)."""
     kind = {"calm": f"CALM (K = {result.get('chunk_size')})", "ar": "token baseline"}[result["kind"]]
+    head = result.get("head")
+    if head and head.get("name") != "energy":
+        kind += f", {head['name']} head: " + ", ".join(
+            f"{k} {head[k]}" for k in ("steps", "solver", "evals_per_sample") if k in head
+        )
     ctx = result["context_tokens"]
     lines = [
         f"{kind} on {result.get('data', {}).get('source', 'data')}",
@@ -639,6 +653,7 @@ def run_eval(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     device = _resolve_device(args.device)
     model = load_model(path, device=device, ae_path=args.ae, verify=not args.no_verify)
+    apply_head_sampling(model, args)
     kind = model.config.kind
     if args.max_tokens is not None and args.max_tokens < 1:
         raise ValueError(f"--max-tokens must be >= 1, got {args.max_tokens}")

@@ -252,7 +252,14 @@ def kernel_for(head, autoencoder) -> FusedHeadDecoder:
     Raises KernelUnavailable (saying why) unless it compiles and can run them (the stock
     modules, float32 on the CPU)."""
     from calm.models.autoencoder import ChunkAutoencoder
+    from calm.models.energy import EnergyHead
 
+    if type(head) is not EnergyHead:  # before compiling anything: flow / diffusion heads
+        name = getattr(head, "name", type(head).__name__)
+        raise KernelUnavailable(
+            f"the fused kernel runs the energy head only; this model's head is {name!r}, "
+            "which takes the PyTorch path"
+        )
     _library()
     if type(autoencoder) is not ChunkAutoencoder:
         raise KernelUnavailable("the autoencoder is not the stock module")

@@ -28,7 +28,12 @@ import sys
 import time
 from pathlib import Path
 
-from calm.cli import add_no_verify_argument, add_official_ae_argument
+from calm.cli import (
+    add_head_sampling_arguments,
+    add_no_verify_argument,
+    add_official_ae_argument,
+    apply_head_sampling,
+)
 
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -82,6 +87,7 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
         help="run the whole model in this dtype: model = as stored (float32); bfloat16 is faster on GPUs "
         "(and on CPUs with AMX at large batch) and decodes the bf16 model's own argmax",
     )
+    add_head_sampling_arguments(parser)
     add_official_ae_argument(parser)
     add_no_verify_argument(parser)
     parser.add_argument("--seed", type=int, default=None, help="random seed (prompt i uses seed + i)")
@@ -177,6 +183,7 @@ def run_generate(args) -> int:
         raise GenerationError(
             f"{args.model} holds a {kind} model; calm generate needs a CALM or token-level model"
         )
+    apply_head_sampling(model, args)
     tok = getattr(model, "tokenizer", None)
     if tok is None:
         raise GenerationError(f"{args.model} has no tokenizer (tokenizer.json); cannot encode the prompts")
@@ -250,6 +257,8 @@ def run_generate(args) -> int:
             "time_s": elapsed,
             "tokens_per_s": n_new / elapsed if elapsed > 0 else None,
         }
+        if kind == "calm":
+            result["head"] = model.head.describe()
         if kind == "calm" and args.temperature < 1:
             result["draws_per_step"] = stats.draws_per_row_step
             result["exact_hit_limit"] = stats.exact_hit_limit

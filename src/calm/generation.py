@@ -49,7 +49,10 @@ Decoding: one decoder per model (`calm.decoding.ChunkDecoder`, the autoencoder d
     instead of K. Each step's CALM input (the chunk just produced) is K rows of a precomputed
     table (`calm.fast_decode.ChunkInputTable`), not a matmul over the K·d flattened
     embeddings. With a few rows at T = 1 on the CPU, head + decoder + argmax run as one
-    compiled call (`calm.fused_decode`) instead of ~80 small PyTorch ops.
+    compiled call (`calm.fused_decode`) instead of ~80 small PyTorch ops; that kernel runs the
+    energy head only, a flow or diffusion head (``config.head``) takes the PyTorch path, with
+    its noise from the same per-row streams (the head's ``noise_from_uniform``) and its
+    sampling steps (``model.set_head_sampling``).
 """
 
 from __future__ import annotations
@@ -449,8 +452,9 @@ def generate(
         fused_kernel: CALM on CPU: decode steps of at most `calm.fused_decode.MAX_ROWS`
             latents with the compiled head + decoder + argmax kernel (the same tokens up to
             float32 rounding; compiled on first use). None (default): where it applies and
-            compiles; True: require it (GenerationError saying why if it cannot be used);
-            False: always the PyTorch modules.
+            compiles; True: require it (GenerationError saying why if it cannot be used, e.g.
+            for a flow or diffusion head, which the kernel does not run); False: always the
+            PyTorch modules.
         profile: time the phases of a step (in stats.phases; synchronises CUDA).
         return_stats: also return a `GenerationStats`.
     """
