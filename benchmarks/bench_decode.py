@@ -72,10 +72,10 @@ MODES = {
     "calm_t1_torch": dict(temperature=1.0, fused_kernel=False),
     "calm_t1_compiled": dict(temperature=1.0, compile=True, fused_kernel=False),
     "calm_t1_compiled_kernel": dict(temperature=1.0, compile=True),
-    "calm_t05_exact": dict(temperature=0.5, sampler="exact", num_candidates=200),
-    "calm_t05_exact_full": dict(temperature=0.5, sampler="exact", num_candidates=200, lazy_draws=False),
-    "calm_t033_exact": dict(temperature=1 / 3, sampler="exact", num_candidates=200),
-    "calm_t05_approx": dict(temperature=0.5, sampler="approx", num_candidates=200),
+    "calm_t05_exact": dict(temperature=0.5, sampler="exact", num_samples=200),
+    "calm_t05_exact_full": dict(temperature=0.5, sampler="exact", num_samples=200, lazy_draws=False),
+    "calm_t033_exact": dict(temperature=1 / 3, sampler="exact", num_samples=200),
+    "calm_t05_approx": dict(temperature=0.5, sampler="approx", num_samples=200),
 }
 
 

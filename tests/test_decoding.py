@@ -127,7 +127,7 @@ def test_lazy_draw_classes_give_the_chunks_of_full_decoding(temperature, sampler
     for lazy in (True, False):
         stats = type("S", (), {"draws": 0, "decoded_positions": 0, "exact_hit_limit": 0, "fused_draws": 0})()
         s = ChunkSampler(
-            model, RowRandom(range(5)), temperature=temperature, sampler=sampler, num_candidates=48, stats=stats
+            model, RowRandom(range(5)), temperature=temperature, sampler=sampler, num_samples=48, stats=stats
         )
         s.lazy = lazy
         outs.append(torch.stack([s(h, step) for step in range(3)]))

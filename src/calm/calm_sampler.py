@@ -9,7 +9,7 @@ the temperature rule (DESIGN §2.4, `calm.sampling`) and the decoder (`calm.deco
   until a row accepts (at most ``max_draws`` per row and step; a row that reaches the bound gets
   the batch approximation over its draws). The first block of a step is as large as the
   previous step needed, so a flat model draws its bound in one call.
-* ``sampler="approx"``: ``num_candidates`` head samples, `calm.sampling.sample_approx`.
+* ``sampler="approx"``: ``num_samples`` head samples, `calm.sampling.sample_approx`.
 
 There is no cheap "noise temperature": scaling the energy head's input noise changes nothing,
 because the head LayerNorms the noise projection (``norm_noise``), which cancels any scale
@@ -65,7 +65,7 @@ class ChunkSampler:
         *,
         temperature: float,
         sampler: str = "exact",
-        num_candidates: int = 200,
+        num_samples: int = 200,
         max_draws: int | None = None,
         draws_per_call: int = 8,
         stats=None,
@@ -83,8 +83,8 @@ class ChunkSampler:
             self.mode = "single"
         else:
             self.mode = sampler
-        self.N = num_candidates
-        self.max_draws = num_candidates if max_draws is None else max_draws
+        self.N = num_samples
+        self.max_draws = num_samples if max_draws is None else max_draws
         self.draws_per_call = draws_per_call
         self.first_block = draws_per_call  # the exact sampler's first block; adapts step to step
         self.stats, self.timer, self.fused_kernel = stats, timer, fused_kernel
@@ -95,7 +95,7 @@ class ChunkSampler:
             from calm.generation import _compiled
 
             self.compiled_sample = _compiled(_head_decode, model.autoencoder.lm_head.weight.device)
-        per_step = num_candidates if self.mode == "approx" else 1
+        per_step = num_samples if self.mode == "approx" else 1
         self.head_noise = NoiseBlocks(
             rng, _HEAD_NOISE, (per_step, self.noise_dim), self.noise_dtype, transform=head.noise_from_uniform
         )

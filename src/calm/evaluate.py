@@ -524,10 +524,11 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--block-size",
         type=int,
-        default=DEFAULT_BLOCK_SIZE,
+        default=None,
         metavar="N",
         help="evaluation window in tokens, the same for CALM and the baseline: each window is "
-        "scored on its own, so it bounds the context",
+        f"scored on its own, so it bounds the context (default: {DEFAULT_BLOCK_SIZE}, or the model's "
+        "context if that is shorter; compare models at the same value)",
     )
     add_official_ae_argument(parser)
     add_no_verify_argument(parser)
@@ -658,6 +659,9 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.max_tokens is not None and args.max_tokens < 1:
         raise ValueError(f"--max-tokens must be >= 1, got {args.max_tokens}")
     if kind in ("calm", "ar"):
+        if args.block_size is None:  # the default follows the model's context
+            args.block_size = min(DEFAULT_BLOCK_SIZE, model_context_tokens(model))
+            print(f"block size {args.block_size} tokens (--block-size to change it)", file=sys.stderr)
         check_block_size(model, args.block_size)  # before reading any data
     tokenizer = getattr(model, "tokenizer", None)
     with warnings.catch_warnings(record=True) as caught:

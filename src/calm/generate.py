@@ -231,7 +231,7 @@ def run_generate(args) -> int:
     if kind == "calm":
         kwargs.update(
             sampler=args.sampler,
-            num_candidates=args.num_samples,
+            num_samples=args.num_samples,
             max_draws=args.max_draws,
         )
     t0 = time.perf_counter()
