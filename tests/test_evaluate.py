@@ -379,7 +379,9 @@ def test_cli_block_size_defaults_to_the_models_context(capsys, checkpoints, data
 
         context = model_context_tokens(load_model(checkpoints[name]))
         assert context < DEFAULT_BLOCK_SIZE  # the case the default must handle
-        code, out, err = _cli(capsys, checkpoints[name], "--data", data_files["text"], "--json", "--max-tokens", "256")
+        code, out, err = _cli(
+            capsys, checkpoints[name], "--data", data_files["text"], "--json", "--max-tokens", "256"
+        )
         assert code == 0, err
         assert json.loads(out)["block_size"] == context
         assert f"block size {context} tokens" in err

@@ -80,7 +80,9 @@ def _summary(calm_b=(0.05, 0.01, 0.001, -0.0004), ar_b=(0.15, 0.05, 0.01, 0.003)
         "train_steps": {"calm": 1200, "ar": 400},
         "tokens_per_step": 2048,
         "autoencoder": {"train": {"loss": 3.2, "val_loss": 0.49}},
-        "sample_stats": {"calm": {"T=0.5": {"row_steps": 48, "hit_limit": 46, "draws_per_row_step": 195, "max_draws": 200}}},
+        "sample_stats": {
+            "calm": {"T=0.5": {"row_steps": 48, "hit_limit": 46, "draws_per_row_step": 195, "max_draws": 200}}
+        },
     }
 
 
@@ -91,7 +93,9 @@ def test_report_conclusions_come_from_the_numbers(tmp_path):
     for name, vals in (("calm", [12.6, 12.41, 12.5, 12.68]), ("ar", [6.0, 5.5, 5.2, 5.1])):
         d = tmp_path / name
         d.mkdir()
-        lines = [json.dumps({"split": "val", "step": 100 * (i + 1), "val_loss": v}) for i, v in enumerate(vals)]
+        lines = [
+            json.dumps({"split": "val", "step": 100 * (i + 1), "val_loss": v}) for i, v in enumerate(vals)
+        ]
         (d / "metrics.jsonl").write_text("\n".join(lines) + "\n")
         runs[name] = d
     text = "\n".join(conclusions(_summary(), runs))
