@@ -1,12 +1,50 @@
 """End to end: `calm quickstart --tiny` runs the whole pipeline and writes a complete report."""
 
 import json
+import re
+import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_block(name: str) -> str:
+    """The fenced code block right after ``<!-- readme-test: NAME -->`` in the README."""
+    text = README.read_text(encoding="utf-8")
+    match = re.search(rf"<!-- readme-test: {name} -->\n```\w*\n(.*?)\n```", text, re.S)
+    assert match, f"README has no block marked readme-test: {name}"
+    return match.group(1)
+
+
+def readme_commands(name: str) -> list[list[str]]:
+    """The `calm ...` command lines of a README shell block (continuations joined)."""
+    joined = readme_block(name).replace("\\\n", " ")
+    lines = [line.split("#")[0].strip() for line in joined.splitlines()]
+    return [shlex.split(line) for line in lines if line.startswith("calm ")]
+
+
+def run_readme_after_quickstart(out: Path) -> None:
+    """The README's commands and Python example for the quickstart's outputs, with
+    ``runs/quickstart`` pointing at `out` (the --tiny run of the test)."""
+    commands = readme_commands("after-quickstart")
+    assert len(commands) >= 5
+    for argv in commands:
+        argv = [a.replace("runs/quickstart", str(out)) for a in argv]
+        proc = subprocess.run(
+            [sys.executable, "-m", "calm", *argv[1:]], capture_output=True, text=True, timeout=600
+        )
+        assert proc.returncode == 0, (argv, proc.stderr[-2000:])
+    code = readme_block("python-api").replace("runs/quickstart", str(out))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    printed = proc.stdout.strip().splitlines()
+    assert printed[0].startswith("The if statement")
+    assert 0.0 <= float(printed[-1]) <= 100.0
 
 
 @pytest.mark.slow
@@ -51,6 +89,17 @@ def test_tiny_quickstart_writes_a_complete_report(tmp_path):
     for run in ("calm", "ar"):
         records = [json.loads(line) for line in (out / run / "metrics.jsonl").read_text().splitlines()]
         assert any("brier_lm" in r for r in records if r.get("split") == "val")
+
+    # the README's tour block and Python example run verbatim on these outputs
+    run_readme_after_quickstart(out)
+
+
+def test_readme_blocks_are_found():
+    """The markers the slow test reads exist and hold what it expects (fast check)."""
+    commands = readme_commands("after-quickstart")
+    assert all(argv[1] in ("eval", "generate", "flops") for argv in commands)
+    assert all(any("runs/quickstart" in a for a in argv) for argv in commands)
+    assert "runs/quickstart/calm/checkpoint" in readme_block("python-api")
 
 
 def test_quickstart_refuses_to_overwrite(tmp_path):

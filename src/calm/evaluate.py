@@ -56,6 +56,13 @@ def model_context_tokens(model) -> int:
     return int(c.max_seq_len)
 
 
+def _is_flat(data) -> bool:
+    """A token stream to cut into windows (not windows [N, T] already)."""
+    if hasattr(data, "tokens") and hasattr(data, "split"):
+        return True
+    return getattr(data, "ndim", None) == 1 or (not hasattr(data, "ndim") and np.asarray(data).ndim == 1)
+
+
 def _as_windows(data, block_size: int | None, max_tokens: int | None) -> torch.Tensor:
     if hasattr(data, "tokens") and hasattr(data, "split"):  # calm.data.TokenShards: read only what is used
         return make_windows(data.tokens, block_size or DEFAULT_BLOCK_SIZE, max_tokens)
@@ -267,8 +274,9 @@ def evaluate_model(
     """Evaluate a loaded model on tokens; returns a plain dict (JSON-ready).
 
     data: a flat token stream (1-D tensor / array, or a `calm.data.TokenShards`), cut into
-        consecutive windows of ``block_size`` tokens (default 256); or windows [N, T] as they
-        are (then ``block_size`` defaults to T).
+        consecutive windows of ``block_size`` tokens (default: 256, or the model's context if
+        that is shorter, as in `calm eval`); or windows [N, T] as they are (then ``block_size``
+        defaults to T).
     max_tokens: evaluate at most this many tokens (whole windows).
     seed: the samples drawn (head samples, rollouts) come from a generator seeded with it, so a
         result is reproducible on the same device.
@@ -291,6 +299,8 @@ def evaluate_model(
         raise ValueError(f"cannot evaluate a model of kind {kind!r}")
     if collision not in COLLISION_ESTIMATORS:
         raise ValueError(f"collision must be one of {COLLISION_ESTIMATORS}, got {collision!r}")
+    if block_size is None and _is_flat(data):  # as `calm eval`: the default follows the model's context
+        block_size = min(DEFAULT_BLOCK_SIZE, model_context_tokens(model))
     windows = _as_windows(data, block_size, max_tokens)
     T = windows.shape[1]
     check_block_size(model, T)
