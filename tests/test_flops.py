@@ -288,3 +288,54 @@ def test_cli_errors(capsys):
         cli_main(["flops", "--preset", "no-such-model"])
     assert exit_.value.code == 2
     assert "preset" in capsys.readouterr().err
+
+
+# -- flow and diffusion heads ---------------------------------------------------------------------
+
+_HEADS = [
+    ("flow", {"flow_steps": 3}),
+    ("flow", {"flow_steps": 2, "flow_solver": "euler"}),
+    ("diffusion", {"diffusion_steps": 4}),
+    ("diffusion", {"diffusion_steps": 3, "diffusion_solver": "ddim"}),
+]
+
+
+def test_adaln_frequency_size_matches_the_model():
+    from calm.flops import ADALN_FREQ_DIM
+    from calm.models.adaln_mlp import FREQ_DIM
+
+    assert ADALN_FREQ_DIM == FREQ_DIM
+
+
+@pytest.mark.parametrize("head, settings", _HEADS)
+def test_flow_and_diffusion_heads_params_and_flops_equal_measured(head, settings):
+    torch.manual_seed(0)
+    cfg = preset("calm-tiny").replace(autoencoder=preset("ae-tiny").to_dict(), head=head, **settings)
+    model = _calm_model(cfg)
+    rep = flops_report(cfg)
+    assert rep["params"][f"{head}_head"] == count_parameters(model.head)
+    assert rep["params"]["total_with_autoencoder"] == count_parameters(model)
+    assert rep["head"]["evals_per_sample"] == model.head.evals_per_sample
+    K, C = cfg.chunk_size, 9
+    tokens = torch.randint(0, cfg.vocab_size, (1, C * K))
+    train = _measured_flops(lambda: model.loss(tokens)[0].backward())
+    assert train / (C - 1) == flops_report(cfg, context=C - 1)["train_flops_per_token"] * K
+    model.eval()
+    # inference on one position (the report counts the time MLP per position; a call computes it
+    # once for all its positions), with several samples sharing the per-time terms
+    with torch.no_grad():
+        h = model.hidden(tokens)[:, -1:]
+        for samples in (1, 5):
+            infer = _measured_flops(lambda s=samples: model.sample_chunks(h, s))
+            rep = flops_report(cfg, context=C, inference_samples=samples)["flops_per_token"]["inference"]
+            assert infer == (rep[f"{head}_head"] + rep["ae_decoder"]) * K
+
+
+def test_more_head_steps_cost_proportionally_more():
+    base = preset("calm-cpu").replace(head="flow", flow_steps=1)
+    one = flops_report(base)["flops_per_token"]["inference"]["flow_head"]
+    ten = flops_report(base.replace(flow_steps=10))["flops_per_token"]["inference"]["flow_head"]
+    cond = 2 * 256 * 256 / 4  # cond_embed, once per position, per text token
+    assert ten - cond == pytest.approx(10 * (one - cond))
+    energy = flops_report(preset("calm-cpu"))["flops_per_token"]["inference"]["energy_head"]
+    assert ten > 15 * energy  # 20 evaluations of a network about as large as the energy head

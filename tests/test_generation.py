@@ -293,7 +293,7 @@ def test_bad_inputs(calm_model, ar_model):
             generate(calm_model, PROMPTS, max_new_tokens=n)
     with pytest.raises(GenerationError, match="outside the vocabulary"):
         generate(ar_model, [[1, 100000]], **ok)
-    with pytest.raises(GenerationError, match="num_candidates"):
+    with pytest.raises(GenerationError, match="num_samples"):
         generate(calm_model, PROMPTS, temperature=0.5, num_candidates=0, **ok)
     with pytest.raises(GenerationError, match="text"):
         generate(ar_model, "hello", **ok)
@@ -410,3 +410,16 @@ def test_model_generate_methods_delegate(calm_model, ar_model):
     kw = dict(max_new_tokens=5, temperature=0.5, seed=2, eos_id=None)
     assert calm_model.generate(PROMPTS, **kw) == generate(calm_model, PROMPTS, **kw)
     assert ar_model.generate(PROMPTS, **kw) == generate(ar_model, PROMPTS, **kw)
+
+
+@pytest.mark.slow
+def test_compiled_decoding_equals_eager(calm_model, ar_model):
+    """generate(compile=True): static KV cache and torch.compile'd steps, the same tokens."""
+    ar = ar_model
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [3, 4, 5]]  # left padding in the static cache too
+    for model, T in ((ar, 1.0), (ar, 0.7), (calm_model, 1.0), (calm_model, 0.5)):
+        kw = dict(max_new_tokens=12, seed=1, temperature=T, eos_id=None, fused_kernel=False)
+        if model is ar:
+            kw.pop("fused_kernel")
+        eager = generate(model, prompts, **kw)
+        assert generate(model, prompts, compile=True, **kw) == eager

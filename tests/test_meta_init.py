@@ -14,12 +14,16 @@ CONFIGS = {
     # every optional CALM part: auxiliary token head, noise atoms, Xavier last layer
     "calm": preset("calm-tiny").replace(aux_token_weight=0.5, head_noise_atoms=4, head_init="xavier"),
     "ar": preset("transformer-tiny").replace(tie_embeddings=True),
+    # the other generative heads (the diffusion head also computes its schedule at construction)
+    "calm-flow": preset("calm-tiny").replace(head="flow"),
+    "calm-diffusion": preset("calm-tiny").replace(head="diffusion", diffusion_schedule="linear"),
 }
 
 
-@pytest.mark.parametrize("kind", sorted(CONFIGS))
-def test_meta_then_init_weights_equals_eager_construction(kind):
-    config = CONFIGS[kind]
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_meta_then_init_weights_equals_eager_construction(name):
+    config = CONFIGS[name]
+    kind = config.kind
     torch.manual_seed(7)
     eager = model_class(kind)(config)
     after_eager = torch.rand(3)  # the RNG stream after construction matters to what follows
@@ -50,6 +54,12 @@ def test_meta_then_init_weights_equals_eager_construction(kind):
     if kind == "calm":
         assert lazy.autoencoder.embed.weight is lazy.autoencoder.lm_head.weight
         assert not any(p.requires_grad for p in lazy.autoencoder.parameters())
+        tokens = torch.randint(0, config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+        losses = []
+        for model in (eager, lazy):
+            torch.manual_seed(3)
+            losses.append(model.loss(tokens)[0])
+        assert torch.isfinite(losses[0]) and torch.equal(losses[0], losses[1])
 
 
 def test_build_model_on_meta_and_without_init():

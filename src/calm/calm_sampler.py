@@ -7,10 +7,13 @@ the temperature rule (DESIGN §2.4, `calm.sampling`) and the decoder (`calm.deco
 * T = 1: one head sample per row, decoded.
 * ``sampler="exact"`` at T < 1: `calm.sampling.sample_exact`, drawing in doubling blocks only
   until a row accepts (at most ``max_draws`` per row and step; a row that reaches the bound gets
-  the batch approximation over its draws).
-* ``sampler="approx"``: ``num_candidates`` head samples, `calm.sampling.sample_approx`.
-* ``sampler="noise"``: one head sample with the head's input noise scaled by T (an
-  approximation of tempering with the cost of T = 1; see the README for its measured curve).
+  the batch approximation over its draws). The first block of a step is as large as the
+  previous step needed, so a flat model draws its bound in one call.
+* ``sampler="approx"``: ``num_samples`` head samples, `calm.sampling.sample_approx`.
+
+There is no cheap "noise temperature": scaling the energy head's input noise changes nothing,
+because the head LayerNorms the noise projection (``norm_noise``), which cancels any scale
+(benchmarks/bench_sampler_curves.py measured identical samples from scale 1 down to 0.1).
 
 Both temperature samplers only compare chunks for equality. On the CPU their draws are
 therefore told apart by `calm.decoding.DrawClasses`, which decodes a draw's token positions
@@ -33,11 +36,16 @@ from calm.sampling import sample_approx, sample_exact, split_inverse_temperature
 
 __all__ = ["SAMPLERS", "ChunkSampler"]
 
-SAMPLERS = ("exact", "approx", "noise")
+SAMPLERS = ("exact", "approx")
 EXACT_MAX_BLOCK = 64  # the exact sampler's draws per call double up to this
 
 # RowRandom stream keys (purpose, step, ...): fixed, so a seed gives the same text across versions
 _HEAD_NOISE, _CHOICE, _EXACT_NOISE, _EXACT_COINS, _EXACT_LIMIT = 2, 3, 4, 5, 6
+
+
+def _head_decode(head, ae, h: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Head samples decoded by the plain float32 argmax (the reference path, for compiling)."""
+    return ae.decode_logits(head(h, noise)).argmax(-1)
 
 
 class ChunkSampler:
@@ -57,31 +65,44 @@ class ChunkSampler:
         *,
         temperature: float,
         sampler: str = "exact",
-        num_candidates: int = 200,
+        num_samples: int = 200,
         max_draws: int | None = None,
         draws_per_call: int = 8,
         stats=None,
         timer=None,
         fused_kernel=None,
+        compile: bool = False,
+        lazy_draws: bool | None = None,
     ):
         self.model, self.rng, self.T = model, rng, temperature
         self.decoder = ChunkDecoder.for_model(model)
         self.n, self.alpha = split_inverse_temperature(temperature)
-        head = model.head
-        self.noise_dim, self.noise_dtype = head.noise_dim, head.noise_embd.weight.dtype
+        self.head = head = model.head  # any `calm.models.head.GenerativeHead`
+        self.noise_dim, self.noise_dtype = head.noise_dim, head.noise_dtype
         if self.n == 1 and self.alpha == 0.0:
             self.mode = "single"
         else:
             self.mode = sampler
-        self.N = num_candidates
-        self.max_draws = num_candidates if max_draws is None else max_draws
+        self.N = num_samples
+        self.max_draws = num_samples if max_draws is None else max_draws
         self.draws_per_call = draws_per_call
+        self.first_block = draws_per_call  # the exact sampler's first block; adapts step to step
         self.stats, self.timer, self.fused_kernel = stats, timer, fused_kernel
-        per_step = num_candidates if self.mode == "approx" else 1
-        self.head_noise = NoiseBlocks(rng, _HEAD_NOISE, (per_step, self.noise_dim), self.noise_dtype, shift=0.5)
+        self.compiled_sample = None
+        # T = 1: head + decoder + plain float32 argmax as one compiled graph (steps with more
+        # rows than the fused kernel takes, or where it is not available)
+        if compile:
+            from calm.generation import _compiled
+
+            self.compiled_sample = _compiled(_head_decode, model.autoencoder.lm_head.weight.device)
+        per_step = num_samples if self.mode == "approx" else 1
+        self.head_noise = NoiseBlocks(
+            rng, _HEAD_NOISE, (per_step, self.noise_dim), self.noise_dtype, transform=head.noise_from_uniform
+        )
         self.choice_u = NoiseBlocks(rng, _CHOICE, (), torch.float64)
         device = model.autoencoder.lm_head.weight.device
-        self.lazy = device.type == "cpu"  # position-by-position draw classes (see module docstring)
+        # position-by-position draw classes (see the module docstring): on the CPU by default
+        self.lazy = device.type == "cpu" if lazy_draws is None else bool(lazy_draws)
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep only the rows `rows` (their random streams; the caller selects `rng`)."""
@@ -105,6 +126,9 @@ class ChunkSampler:
         if self.fused_kernel is not None and b * m <= self.fused_kernel_rows:
             out = self.fused_kernel(h, noise)
             self._count(b * m, b * m * K, b * m)
+        elif self.compiled_sample is not None:
+            out = self.compiled_sample(self.head, self.decoder.ae, h, noise)
+            self._count(b * m, b * m * K)
         else:
             out = self.decoder.sample(h, noise)
             self._count(b * m, b * m * K)
@@ -118,11 +142,8 @@ class ChunkSampler:
         return MAX_ROWS
 
     def __call__(self, h: torch.Tensor, step: int) -> torch.Tensor:
-        if self.mode in ("single", "noise"):
-            noise = self.head_noise.get(step)
-            if self.mode == "noise":
-                noise = noise * self.T
-            return self._decode_full(h, noise)[:, 0]
+        if self.mode == "single":
+            return self._decode_full(h, self.head_noise.get(step))[:, 0]
         if self.mode == "approx":
             return self._approx(h, step)
         return self._exact(h, step)
@@ -151,7 +172,8 @@ class ChunkSampler:
         def draw(m: int, rows: torch.Tensor | None) -> torch.Tensor:
             # a row's j-th draw of the step depends on (its seed, step, j) only: neither on the
             # batch nor on how the sampler splits its draws into calls
-            noise = rng.uniform((_EXACT_NOISE, step), (m, nd), self.noise_dtype, offset=drawn[0] * nd).sub_(0.5)
+            u = rng.uniform((_EXACT_NOISE, step), (m, nd), self.noise_dtype, offset=drawn[0] * nd)
+            noise = self.head.noise_from_uniform(u)
             drawn[0] += m
             hh = h
             if rows is not None:
@@ -170,14 +192,20 @@ class ChunkSampler:
             draw,
             self.T,
             max_draws=self.max_draws,
-            draws_per_call=min(self.draws_per_call, self.max_draws),
-            max_draws_per_call=max(self.draws_per_call, EXACT_MAX_BLOCK),
+            draws_per_call=min(self.first_block, self.max_draws),
+            max_draws_per_call=max(self.first_block, EXACT_MAX_BLOCK),
             uniform=uniform,
             active_rows=True,
             return_stats=True,
         )
         if self.stats is not None:
             self.stats.exact_hit_limit += st.num_hit_limit
+        # Next step's first block: what this step needed (a power of two, at least draws_per_call).
+        # When P is flat every row reads its max_draws and one call beats six doubling ones; when
+        # it is peaked the block shrinks again. Results do not depend on the split into calls (a
+        # row's draws are indexed by position), so this only changes the cost.
+        needed = int(st.draws.max()) if st.draws.numel() else self.draws_per_call
+        self.first_block = max(self.draws_per_call, 1 << max(0, needed - 1).bit_length())
         if classes is not None:
             out = classes.chunks(out[:, 0])
             self._count(0, classes.positions_decoded)

@@ -16,6 +16,14 @@ from typing import Any
 
 LLAMA3_VOCAB = 128_257  # Llama-3 tokenizer plus the authors' [PAD] token
 
+# CALM's generative heads (`calm.models.head.HEADS` maps each name to its module) and the
+# choices of their sampling settings; kept here, free of torch, so configs validate cheaply.
+HEAD_NAMES = ("energy", "flow", "diffusion")
+FLOW_SOLVERS = ("euler", "midpoint")
+DIFFUSION_SOLVERS = ("ddpm", "ddim")
+DIFFUSION_SCHEDULES = ("cosine", "linear")
+DIFFUSION_TARGETS = ("v", "eps")
+
 
 class ConfigError(ValueError):
     """A configuration that cannot work, or an override that names no field."""
@@ -132,9 +140,9 @@ class CALMConfig(BackboneConfig):
     vocab_size: int = 8192
     chunk_size: int = 4
     latent_dim: int = 128
-    head_layers: int = 0  # energy-head residual blocks; 0 means num_layers // 4 (at least 1)
-    noise_dim: int = 64
-    num_model_samples: int = 8  # N
+    head_layers: int = 0  # residual blocks of the head (any kind); 0 means num_layers // 4 (at least 1)
+    noise_dim: int = 64  # energy head: size of its uniform noise vector
+    num_model_samples: int = 8  # N: head samples (energy) or (target, time, noise) draws per position
     num_target_samples: int = 100  # M
     energy_alpha: float = 1.0  # exponent of the distance in the energy score
     # Initialisation of the energy head's last layer: "zero" (the authors': every initial sample
@@ -147,6 +155,18 @@ class CALMConfig(BackboneConfig):
     # Weight of an auxiliary, training-only cross-entropy: a light head predicts the next chunk's
     # K tokens from the backbone state h (through the tied input embedding). 0 = off (the paper).
     aux_token_weight: float = 0.0
+    # Weight of a training-only cross-entropy of the frozen decoder's logits at one extra head
+    # sample against the true next chunk: tells the head which latent regions decode to which
+    # tokens. Not a proper score (it pulls samples to the observed chunk); 0 = off (the paper).
+    decoder_ce_weight: float = 0.0
+    head: str = "energy"  # generative head: "energy" (one pass per sample), "flow" or "diffusion"
+    flow_steps: int = 10  # flow head: ODE steps from noise (t = 0) to a latent (t = 1) per sample
+    flow_solver: str = "midpoint"  # flow head: "midpoint" (2 evaluations per step) or "euler" (1)
+    diffusion_steps: int = 100  # diffusion head: respaced denoising steps per sample
+    diffusion_solver: str = "ddpm"  # diffusion head: "ddpm" (ancestral) or "ddim" (deterministic)
+    diffusion_train_steps: int = 1000  # diffusion head: steps of the training noise schedule
+    diffusion_schedule: str = "cosine"  # diffusion head: "cosine" or "linear" betas
+    diffusion_target: str = "v"  # diffusion head: the network predicts "v" (√ᾱ·ε − √(1−ᾱ)·z) or "eps"
     autoencoder: dict = field(default_factory=dict)  # AutoencoderConfig.to_dict() of the frozen AE
 
     @property
@@ -155,8 +175,12 @@ class CALMConfig(BackboneConfig):
 
     def __post_init__(self):
         self._check_backbone()
-        if self.num_model_samples < 2:
+        if self.head not in HEAD_NAMES:
+            raise ConfigError(f"head must be one of {', '.join(HEAD_NAMES)}, not {self.head!r}")
+        if self.head == "energy" and self.num_model_samples < 2:
             raise ConfigError("num_model_samples must be >= 2 (the energy score needs pairs)")
+        if self.num_model_samples < 1:
+            raise ConfigError("num_model_samples must be >= 1")
         if not 0 < self.energy_alpha < 2:
             raise ConfigError(
                 "energy_alpha must be in (0, 2) to be strictly proper; the default 1 is advised"
@@ -165,8 +189,31 @@ class CALMConfig(BackboneConfig):
             raise ConfigError(f"head_init must be 'zero' or 'xavier', not {self.head_init!r}")
         if self.head_noise_atoms < 0:
             raise ConfigError(f"head_noise_atoms must be >= 0, got {self.head_noise_atoms}")
+        if not self.decoder_ce_weight >= 0:
+            raise ConfigError(f"decoder_ce_weight must be >= 0, got {self.decoder_ce_weight}")
         if not self.aux_token_weight >= 0:
             raise ConfigError(f"aux_token_weight must be >= 0, got {self.aux_token_weight}")
+        self._check_head_sampling()
+
+    def _check_head_sampling(self) -> None:
+        """Every head's settings are checked, whichever head is in use (a bad value is a typo)."""
+        for name, choices in (
+            ("flow_solver", FLOW_SOLVERS),
+            ("diffusion_solver", DIFFUSION_SOLVERS),
+            ("diffusion_schedule", DIFFUSION_SCHEDULES),
+            ("diffusion_target", DIFFUSION_TARGETS),
+        ):
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"{name} must be one of {', '.join(choices)}, not {getattr(self, name)!r}")
+        for name in ("flow_steps", "diffusion_steps", "diffusion_train_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.diffusion_steps > self.diffusion_train_steps:
+            raise ConfigError(
+                f"diffusion_steps={self.diffusion_steps} exceeds diffusion_train_steps="
+                f"{self.diffusion_train_steps}: the sampler respaces the training schedule, it cannot refine it"
+            )
 
 
 @dataclass
@@ -283,8 +330,14 @@ PRESETS: dict[str, Any] = {
     "calm-m": _paper_calm(1024, 2752, 16, 16),
     "calm-l": _paper_calm(1536, 4096, 16, 16),
     "calm-xl": _paper_calm(2560, 6880, 16, 20),
-    "calm-cpu": CALMConfig(d_model=256, num_layers=4, num_heads=4, ffn_dim=688, max_seq_len=256),
+    # Small presets start the energy head's last layer from Xavier, not zero (the recipe study in
+    # docs/small_scale_study.md: with a zero layer nothing before it gets a gradient for the
+    # first few hundred steps, which at this scale is most of the run). Paper presets: zero.
+    "calm-cpu": CALMConfig(
+        d_model=256, num_layers=4, num_heads=4, ffn_dim=688, max_seq_len=256, head_init="xavier"
+    ),
     "calm-tiny": CALMConfig(
+        head_init="xavier",
         d_model=64,
         num_layers=2,
         num_heads=2,

@@ -148,13 +148,12 @@ def _screened_argmax(h: torch.Tensor, weight: torch.Tensor, s: _Screen) -> torch
 class ChunkDecoder:
     """Latents -> token chunks for one CALM model (its energy head and frozen autoencoder).
 
-    Get it with `for_model` (built once, cached while the weights are unchanged). Every method
+    Get it with `for_model` once per generate / evaluation call. Every method
     runs under ``torch.no_grad`` in the model's dtype, and its tokens are exactly those of
     ``model.autoencoder.decode`` (the reference; see the module docstring).
     """
 
     def __init__(self, model):
-        self.model = model
         self.head = model.head
         self.ae = ae = model.autoencoder
         c = ae.config
@@ -167,9 +166,9 @@ class ChunkDecoder:
 
     @classmethod
     def for_model(cls, model) -> ChunkDecoder:
-        """The decoder of CALM `model`, cached while its head and autoencoder weights are unchanged."""
-        params = list(model.head.parameters()) + list(model.autoencoder.parameters())
-        return _cached(("chunk-decoder", id(model)), params, lambda: cls(model))
+        """The decoder of CALM `model`. Cheap: it reads the live modules (so it always sees their
+        current weights); what is costly to build (the bf16 screen) is cached per weight."""
+        return cls(model)
 
     # -- whole chunks ----------------------------------------------------------------------------
     @torch.no_grad()

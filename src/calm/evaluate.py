@@ -24,8 +24,6 @@ validation cross-entropy.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import os
 import sys
@@ -39,7 +37,7 @@ import numpy as np
 import torch
 
 from calm.brier import COLLISION_ESTIMATORS, DEFAULT_MAX_CACHE_BYTES, NGRAM, window_scores
-from calm.cli import add_no_verify_argument, add_official_ae_argument
+from calm.data import check_token_ids, make_windows
 from calm.metrics import BrierAccumulator
 
 DEFAULT_BLOCK_SIZE = 256
@@ -58,33 +56,16 @@ def model_context_tokens(model) -> int:
     return int(c.max_seq_len)
 
 
-def make_windows(tokens, block_size: int, max_tokens: int | None = None) -> torch.Tensor:
-    """Consecutive non-overlapping windows [N, block_size] of a flat token stream (a tensor or
-    array, e.g. a memory map: only the part used is read); a ragged tail is dropped and
-    ``max_tokens`` caps the tokens covered."""
-    if block_size < 1:
-        raise ValueError(f"block size must be >= 1, got {block_size}")
-    available = len(tokens)
-    total = available if max_tokens is None else min(available, int(max_tokens))
-    n = total // block_size
-    if n == 0:
-        what = (
-            f"--max-tokens {max_tokens}"
-            if max_tokens is not None and max_tokens < available
-            else f"{available:,} tokens"
-        )
-        raise ValueError(
-            f"no complete window of {block_size} tokens to evaluate ({what}); "
-            "give more data or a smaller --block-size"
-        )
-    part = tokens[: n * block_size]
-    part = part.long() if torch.is_tensor(part) else torch.from_numpy(np.asarray(part).astype(np.int64))
-    return part.view(n, block_size)
+def _is_flat(data) -> bool:
+    """A token stream to cut into windows (not windows [N, T] already)."""
+    if hasattr(data, "tokens") and hasattr(data, "split"):
+        return True
+    return getattr(data, "ndim", None) == 1 or (not hasattr(data, "ndim") and np.asarray(data).ndim == 1)
 
 
 def _as_windows(data, block_size: int | None, max_tokens: int | None) -> torch.Tensor:
-    if hasattr(data, "tokens") and hasattr(data, "split"):  # calm.data.TokenShards
-        data = data.tokens
+    if hasattr(data, "tokens") and hasattr(data, "split"):  # calm.data.TokenShards: read only what is used
+        return make_windows(data.tokens, block_size or DEFAULT_BLOCK_SIZE, max_tokens)
     if not torch.is_tensor(data) and not isinstance(data, np.ndarray):
         data = np.asarray(data)
     if data.ndim == 2:
@@ -231,6 +212,9 @@ def _result(
             f"chunk-aligned: t = {c.chunk_size}, {2 * c.chunk_size}, ... <= {block_size - NGRAM}"
         )
         out["estimator"] = "two head samples per position, decoded by the frozen autoencoder (argmax)"
+        head = getattr(model, "head", None)
+        if hasattr(head, "describe"):
+            out["head"] = head.describe()
     else:
         out["positions_rule"] = (
             f"every position t = 1 .. {block_size - NGRAM}"
@@ -290,8 +274,9 @@ def evaluate_model(
     """Evaluate a loaded model on tokens; returns a plain dict (JSON-ready).
 
     data: a flat token stream (1-D tensor / array, or a `calm.data.TokenShards`), cut into
-        consecutive windows of ``block_size`` tokens (default 256); or windows [N, T] as they
-        are (then ``block_size`` defaults to T).
+        consecutive windows of ``block_size`` tokens (default: 256, or the model's context if
+        that is shorter, as in `calm eval`); or windows [N, T] as they are (then ``block_size``
+        defaults to T).
     max_tokens: evaluate at most this many tokens (whole windows).
     seed: the samples drawn (head samples, rollouts) come from a generator seeded with it, so a
         result is reproducible on the same device.
@@ -314,15 +299,12 @@ def evaluate_model(
         raise ValueError(f"cannot evaluate a model of kind {kind!r}")
     if collision not in COLLISION_ESTIMATORS:
         raise ValueError(f"collision must be one of {COLLISION_ESTIMATORS}, got {collision!r}")
+    if block_size is None and _is_flat(data):  # as `calm eval`: the default follows the model's context
+        block_size = min(DEFAULT_BLOCK_SIZE, model_context_tokens(model))
     windows = _as_windows(data, block_size, max_tokens)
     T = windows.shape[1]
     check_block_size(model, T)
-    vocab = int(model.config.vocab_size)
-    if int(windows.max()) >= vocab or int(windows.min()) < 0:
-        raise ValueError(
-            f"token ids up to {int(windows.max())} but the model's vocabulary has {vocab} entries; "
-            "the data was tokenized with another tokenizer"
-        )
+    check_token_ids(windows, int(model.config.vocab_size), "evaluation data (the model's vocabulary)")
     t0 = time.perf_counter()
     acc, stats = _score(
         model,
@@ -448,7 +430,7 @@ def load_eval_tokens(
 
     Returns (LongTensor [N], description). Stops reading once ``max_tokens`` are collected.
     """
-    from calm.data import DataError, TokenShards, read_documents, resolve_inputs
+    from calm.data import DataError, TokenShards, encode_documents, read_documents, resolve_inputs
 
     paths = [Path(p) for p in paths]
     if not paths:
@@ -462,7 +444,7 @@ def load_eval_tokens(
             raise DataError("give either one prepared data directory or text/JSONL files, not both / several")
         shards = TokenShards(prepared[0], split)
         n = len(shards) if max_tokens is None else min(len(shards), int(max_tokens))
-        tokens = torch.from_numpy(np.asarray(shards.tokens[:n]).astype(np.int64))
+        tokens = torch.from_numpy(shards.read(0, n).astype(np.int64))
         desc = {
             "source": str(prepared[0]),
             "format": "prepared",
@@ -487,36 +469,18 @@ def load_eval_tokens(
                 "this checkpoint has no tokenizer, so text files cannot be tokenized; "
                 "give a prepared data directory (calm prepare) instead"
             )
-        files = resolve_inputs(paths)
-        ids: list[np.ndarray] = []
-        count, docs = 0, 0
-        batch: list[str] = []
+        files = resolve_inputs(paths, "val")
+        docs_read = [0]
 
-        def flush():
-            nonlocal count
-            for doc_ids in tokenizer.encode_batch(batch):
-                arr = np.asarray([*doc_ids, tokenizer.eot_id], dtype=np.int64)
-                ids.append(arr)
-                count += len(arr)
-            batch.clear()
+        def documents():
+            for f in files:
+                for doc in read_documents(f, text_field=text_field, doc_split=doc_split):
+                    docs_read[0] += 1
+                    yield doc
 
-        done = False
-        for f in files:
-            for doc in read_documents(f, text_field=text_field, doc_split=doc_split):
-                batch.append(doc)
-                docs += 1
-                if sum(map(len, batch)) >= 1 << 18:
-                    flush()
-                    if max_tokens is not None and count >= max_tokens:
-                        done = True
-                        break
-            if done:
-                break
-        if batch:
-            flush()
-        tokens = torch.from_numpy(np.concatenate(ids)) if ids else torch.zeros(0, dtype=torch.long)
-        if max_tokens is not None:
-            tokens = tokens[: int(max_tokens)]
+        ids, _ = encode_documents(tokenizer, documents(), max_tokens=max_tokens)
+        tokens = torch.from_numpy(ids)
+        docs = docs_read[0]
         desc = {
             "source": ", ".join(map(str, paths)),
             "format": "text",
@@ -531,92 +495,6 @@ def load_eval_tokens(
 
 # ---------------------------------------------------------------------------------------------
 # Command line
-
-
-def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of `calm eval`."""
-    parser.add_argument(
-        "model",
-        metavar="MODEL_DIR",
-        help="checkpoint directory (CALM, token baseline or autoencoder; ours or the authors' layout)",
-    )
-    parser.add_argument(
-        "--data",
-        nargs="+",
-        required=True,
-        metavar="PATH",
-        help="a prepared data directory (calm prepare; see --split), or text / JSONL files or "
-        "directories, tokenized with the model's tokenizer (documents joined with end-of-text)",
-    )
-    parser.add_argument(
-        "--split", choices=("val", "train"), default="val", help="split of a prepared data directory"
-    )
-    parser.add_argument(
-        "--max-tokens",
-        type=int,
-        default=None,
-        metavar="N",
-        help="evaluate at most N tokens (whole windows); none = all",
-    )
-    parser.add_argument(
-        "--block-size",
-        type=int,
-        default=DEFAULT_BLOCK_SIZE,
-        metavar="N",
-        help="evaluation window in tokens, the same for CALM and the baseline: each window is "
-        "scored on its own, so it bounds the context",
-    )
-    add_official_ae_argument(parser)
-    add_no_verify_argument(parser)
-    parser.add_argument("--seed", type=int, default=0, help="seed of the samples the estimators draw")
-    parser.add_argument(
-        "--batch-size",
-        type=int,
-        default=DEFAULT_BATCH_SIZE,
-        metavar="B",
-        help="windows per forward pass (lower it if memory is short)",
-    )
-    parser.add_argument(
-        "--device", default="auto", help="auto (a GPU if there is one), cpu, cuda, cuda:1, ..."
-    )
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=0,
-        metavar="N",
-        help="CPU threads for torch (0 = torch's default). On a busy shared machine 1 can be several "
-        "times faster than 2 (benchmarks/bench_eval.py)",
-    )
-    parser.add_argument(
-        "--ar-stride",
-        type=int,
-        default=1,
-        metavar="N",
-        help="token baseline: score only positions that are multiples of N (N = K gives exactly "
-        "CALM's chunk-aligned positions); 1 = every position",
-    )
-    parser.add_argument(
-        "--collision",
-        choices=COLLISION_ESTIMATORS,
-        default="pair",
-        help="token baseline collision-term estimator: pair = two sampled prefixes agree x exact "
-        "sum p^2 (DESIGN); expected = P(sampled prefix) x exact sum p^2 (Rao-Blackwellised, "
-        "lower variance, same cost)",
-    )
-    parser.add_argument("--level", type=float, default=0.95, help="confidence level of the BrierLM interval")
-    parser.add_argument("--text-field", default="text", help="JSONL field holding the document text")
-    parser.add_argument(
-        "--doc-split",
-        choices=("auto", "blank", "file", "wikitext"),
-        default="auto",
-        help="how plain text files split into documents (as in calm prepare)",
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument(
-        "--json",
-        action="store_true",
-        help="print one JSON object on stdout (the progress bar goes to stderr)",
-    )
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -636,6 +514,11 @@ def _num(x: float, digits: int = 4) -> str:
 def format_result(result: dict[str, Any]) -> str:
     """Human-readable report of an `evaluate_model` result (LM kinds)."""
     kind = {"calm": f"CALM (K = {result.get('chunk_size')})", "ar": "token baseline"}[result["kind"]]
+    head = result.get("head")
+    if head and head.get("name") != "energy":
+        kind += f", {head['name']} head: " + ", ".join(
+            f"{k} {head[k]}" for k in ("steps", "solver", "evals_per_sample") if k in head
+        )
     ctx = result["context_tokens"]
     lines = [
         f"{kind} on {result.get('data', {}).get('source', 'data')}",
@@ -664,82 +547,12 @@ def format_result(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run_eval(args: argparse.Namespace) -> int:
-    """`calm eval`: returns the exit status (bad input raises ValueError with a readable message)."""
-    from calm.checkpoint import load_model
-
-    path = Path(args.model)  # its existence is load_model's to judge (it follows a save's .old-* copy)
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    for p in args.data:
-        if not Path(p).exists():
-            from calm.data import DataError
-
-            raise DataError(f"evaluation data not found: {p}")
-    if args.threads < 0:
-        raise ValueError(f"--threads must be >= 0, got {args.threads}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = _resolve_device(args.device)
-    model = load_model(path, device=device, ae_path=args.ae, verify=not args.no_verify)
-    kind = model.config.kind
-    if args.max_tokens is not None and args.max_tokens < 1:
-        raise ValueError(f"--max-tokens must be >= 1, got {args.max_tokens}")
-    if kind in ("calm", "ar"):
-        check_block_size(model, args.block_size)  # before reading any data
-    tokenizer = getattr(model, "tokenizer", None)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        tokens, desc = load_eval_tokens(
-            args.data,
-            tokenizer,
-            split=args.split,
-            max_tokens=args.max_tokens,
-            text_field=args.text_field,
-            doc_split=args.doc_split,
-        )
-    notes = [str(w.message) for w in caught]
-    for msg in notes:
-        print(f"warning: {msg}", file=sys.stderr)
-    progress = not args.no_progress
-    if kind == "autoencoder":
-        from calm.eval_autoencoder import format_reconstruction, reconstruction_report
-
-        result = {
-            "kind": "autoencoder",
-            **reconstruction_report(model, tokens, seed=args.seed, progress=progress),
-        }
-    else:
-        result = evaluate_model(
-            model,
-            tokens,
-            block_size=args.block_size,
-            seed=args.seed,
-            batch_size=args.batch_size,
-            ar_stride=args.ar_stride,
-            collision=args.collision,
-            level=args.level,
-            progress=progress,
-        )
-    result = {"model": str(path), **result, "data": desc, "device": str(device), "warnings": notes}
-    if args.json:
-        print(json.dumps(result))
-    elif kind == "autoencoder":
-        print(f"autoencoder {path} on {desc['source']}")
-        print(format_reconstruction(result))
-    else:
-        print(format_result(result))
-    return 0
-
-
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
-    "add_eval_arguments",
     "brier_eval_fn",
     "check_block_size",
     "evaluate_model",
     "format_result",
     "load_eval_tokens",
     "make_windows",
-    "run_eval",
 ]

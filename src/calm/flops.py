@@ -34,6 +34,17 @@ Counting rules (they reproduce the paper's Table 1, DESIGN §2.5)
    forward and as much backward (the targets carry no gradient), plus the samples' N×N Gram
    matrix for the diversity term (2·N²·l forward, twice that backward); this "energy_loss" term is
    counted (it is ~0.01% of the total) so the count matches a measured training step exactly.
+   Flow and diffusion heads (``config.head``; `calm.models.adaln_mlp.AdaLNMLP`): per network
+   evaluation, the input projection, the blocks' MLPs and the output projection run per
+   sample row; the time embedding (sinusoid → MLP) and the adaptive-LayerNorm modulations run
+   per (position, time), and the h-projection ``cond_embed`` once per position. Training: N
+   draws per position, each with its own time, so everything but ``cond_embed`` N times; the
+   input projection and the time MLP's first layer take inputs without gradient (2 × forward).
+   Inference: `evals_per_sample` evaluations per sample (flow: steps, × 2 for the midpoint
+   rule; diffusion: steps), the per-time terms shared by a position's samples, as the code
+   computes them. The time MLP is counted per position although one call computes it once for
+   all the positions it samples (a few per cent of one evaluation, on a batch of one it is
+   exact). Their losses (mean squared errors) are element-wise, not counted.
 6. Per text token: a CALM step produces K tokens, so per-step costs are divided by K. CALM
    inference includes decoding each predicted vector with the autoencoder decoder, with its
    K vocabulary projections. Baseline inference is one forward pass of backbone + LM head.
@@ -120,6 +131,38 @@ def energy_head_counts(cfg: CALMConfig) -> tuple[int, int, int]:
     return matmul + biases + layer_norms, matmul, h_only
 
 
+ADALN_FREQ_DIM = 256  # sinusoidal time features of the flow / diffusion network (= adaln_mlp.FREQ_DIM)
+
+
+def adaln_head_counts(cfg: CALMConfig) -> dict[str, int]:
+    """Flow / diffusion head (`calm.models.adaln_mlp.AdaLNMLP`, width d): parameters and the
+    matmul weights used per sample row, per (position, time) and once per position."""
+    d, l, n, F = cfg.d_model, cfg.latent_dim, cfg.num_head_layers, ADALN_FREQ_DIM
+    per_row = l * d + n * 2 * d * d + d * l  # input_proj, the blocks' MLPs, the output projection
+    time_mlp = F * d + d * d
+    modulations = n * 3 * d * d + 2 * d * d  # (shift, scale, gate) per block, (shift, scale) at the end
+    per_position = d * d  # cond_embed(h)
+    biases = d + 2 * d + d + n * (2 * d + 3 * d) + l + 2 * d
+    layer_norms = n * 2 * d  # the final LayerNorm has no affine parameters
+    matmul = per_row + time_mlp + modulations + per_position
+    return {
+        "params": matmul + biases + layer_norms,
+        "per_row": per_row,
+        "per_time": time_mlp + modulations,
+        "per_position": per_position,
+        "no_input_grad": l * d + F * d,  # input_proj and the time MLP's first layer
+    }
+
+
+def head_evals_per_sample(cfg: CALMConfig) -> int:
+    """Network evaluations per sample of the config's head (as its `evals_per_sample`)."""
+    if cfg.head == "flow":
+        return cfg.flow_steps * (2 if cfg.flow_solver == "midpoint" else 1)
+    if cfg.head == "diffusion":
+        return cfg.diffusion_steps
+    return 1
+
+
 def autoencoder_counts(ae: AutoencoderConfig) -> dict[str, int]:
     """Chunk autoencoder: parameters and matmul weights per chunk for encoder and decoder."""
     d, K, l, V, half = ae.d_model, ae.chunk_size, ae.latent_dim, ae.vocab_size, ae.num_layers // 2
@@ -186,7 +229,7 @@ def flops_report(
     """Parameters and FLOPs per text token for a CALM, AR or autoencoder config.
 
     context: attention context in backbone positions (default `config.max_seq_len`).
-    inference_samples: energy-head samples (each decoded) per CALM step at inference, e.g. the
+    inference_samples: head samples (each decoded) per CALM step at inference, e.g. the
         N candidates of the batch temperature sampler; 1 for plain sampling.
     train_tokens: if given, also report the total training FLOPs for that many tokens.
     Returns a JSON-serialisable dict; the counting rules are in the module docstring.
@@ -236,27 +279,41 @@ def flops_report(
             ae, ae_source = _pick_autoencoder(config, autoencoder_config)
             ae_counts = autoencoder_counts(ae)
             comp_params, comp_matmul = compression_counts(config)
-            head_params, head_matmul, h_only = energy_head_counts(config)
+            N = config.num_model_samples
+            head_key = f"{config.head}_head"
+            if config.head == "energy":
+                head_params, head_matmul, h_only = energy_head_counts(config)
+                shared = h_only if SHARED_HIDDEN_TERMS else 0
+                noise_proj = 2 * N * config.noise_dim * d  # forward FLOPs; backward: weight gradient only
+                head_train = 3 * (2 * (N * (head_matmul - shared) + shared) - noise_proj) + 2 * noise_proj
+                head_infer = 2 * (inference_samples * (head_matmul - shared) + shared)
+                # N×M cross distances (fwd + bwd to the samples) and the N×N Gram matrix of the
+                # samples for the diversity term (fwd + bwd through both operands)
+                head_loss = {
+                    "energy_loss": 2 * 2 * N * config.num_target_samples * config.latent_dim
+                    + 3 * 2 * N * N * config.latent_dim
+                }
+            else:
+                c = adaln_head_counts(config)
+                head_params, evals = c["params"], head_evals_per_sample(config)
+                fwd = 2 * (N * (c["per_row"] + c["per_time"]) + c["per_position"])
+                head_train = 3 * fwd - 2 * N * c["no_input_grad"]
+                head_infer = 2 * (
+                    evals * (inference_samples * c["per_row"] + c["per_time"]) + c["per_position"]
+                )
+                head_loss = {}
             params.update(
-                embeddings=V * d, input_compression=comp_params, backbone=bb_params, energy_head=head_params
+                embeddings=V * d, input_compression=comp_params, backbone=bb_params, **{head_key: head_params}
             )
             params["total"] = V * d + comp_params + bb_params + head_params
             params["autoencoder"] = ae_counts["total"]
             params["total_with_autoencoder"] = params["total"] + ae_counts["total"]
-            N = config.num_model_samples
-            shared = h_only if SHARED_HIDDEN_TERMS else 0
-            noise_proj = 2 * N * config.noise_dim * d  # forward FLOPs; backward: weight gradient only
-            head_train = 3 * (2 * (N * (head_matmul - shared) + shared) - noise_proj) + 2 * noise_proj
-            head_infer = 2 * (inference_samples * (head_matmul - shared) + shared)
             step_train = {
                 "input_compression": 3 * 2 * comp_matmul,
                 "backbone": 3 * 2 * bb_matmul,
                 "attention": 3 * attn,
-                "energy_head": head_train,
-                # N×M cross distances (fwd + bwd to the samples) and the N×N Gram matrix of the
-                # samples for the diversity term (fwd + bwd through both operands)
-                "energy_loss": 2 * 2 * N * config.num_target_samples * config.latent_dim
-                + 3 * 2 * N * N * config.latent_dim,
+                head_key: head_train,
+                **head_loss,
                 "ae_encoder": 2 * ae_counts["encoder_matmul"],  # frozen, forward only
             }
             if config.aux_token_weight > 0:  # training only: h -> K·d, then K tied vocab projections
@@ -265,11 +322,17 @@ def flops_report(
                 params["total"] += params["aux_token_head"]
                 params["total_with_autoencoder"] += params["aux_token_head"]
                 notes.append("auxiliary token head (training only): its matmuls count in training FLOPs")
+            if config.decoder_ce_weight > 0:  # one more head sample, through the frozen decoder
+                per_sample = head_train / max(1, N) if config.head == "energy" else 0
+                step_train["decoder_ce"] = per_sample + 3 * 2 * ae_counts["decoder_matmul"]
+                notes.append(
+                    "decoder cross-entropy (training only): one head sample + the decoder, fwd + bwd"
+                )
             step_infer = {
                 "input_compression": 2 * comp_matmul,
                 "backbone": 2 * bb_matmul,
                 "attention": attn,
-                "energy_head": head_infer,
+                head_key: head_infer,
                 "ae_decoder": inference_samples * 2 * ae_counts["decoder_matmul"],
             }
             train.update({k: v / K for k, v in step_train.items()})
@@ -279,14 +342,28 @@ def flops_report(
                 f"autoencoder config: {ae_source}; its {ae_counts['total'] / 1e6:.1f}M parameters "
                 "are excluded from the total, as in the paper"
             )
-            notes.append(
-                f"energy head run N={N} times per position in training, {inference_samples} at inference; "
-                + (
-                    "its h-only terms (hidden_embd, h-half of each block's first linear) once per position"
-                    if SHARED_HIDDEN_TERMS
-                    else "all of it once per sample"
+            if config.head == "energy":
+                notes.append(
+                    f"energy head run N={N} times per position in training, {inference_samples} at inference; "
+                    + (
+                        "its h-only terms (hidden_embd, h-half of each block's first linear) once per position"
+                        if SHARED_HIDDEN_TERMS
+                        else "all of it once per sample"
+                    )
                 )
-            )
+            else:
+                how = (
+                    f"{config.flow_steps} {config.flow_solver} step(s)"
+                    if config.head == "flow"
+                    else f"{config.diffusion_steps} {config.diffusion_solver} step(s)"
+                )
+                notes.append(
+                    f"{config.head} head: N={N} (target, time, noise) draws per position in training; "
+                    f"{head_evals_per_sample(config)} network evaluation(s) per sample at inference ({how}), "
+                    f"{inference_samples} sample(s) per step; time embedding and modulations once per "
+                    "position and evaluation, shared by its samples"
+                )
+            report["head"] = {"name": config.head, "evals_per_sample": head_evals_per_sample(config)}
             notes.append(
                 "training: frozen AE encoder forward only (targets); inference: AE decoder incl. its "
                 "vocabulary projection, per step; all per-step costs divided by K per text token"
@@ -436,6 +513,9 @@ _LABELS = {
     "lm_head": "LM head",
     "energy_head": "energy head",
     "aux_token_head": "aux token head (train)",
+    "decoder_ce": "decoder CE (train)",
+    "flow_head": "flow head",
+    "diffusion_head": "diffusion head",
     "attention": "attention scores",
     "energy_loss": "energy score (N×M dists)",
     "ae_encoder": "AE encoder (targets)",

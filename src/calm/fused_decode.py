@@ -195,6 +195,11 @@ class FusedHeadDecoder:
             raise KernelUnavailable("the kernel assumes one LayerNorm eps and one RMSNorm eps")
         c = ae.config
         d = head.d_model
+        if c.d_model != d or c.latent_dim != head.latent_dim:  # one width for head and decoder in C
+            raise KernelUnavailable(
+                f"the kernel needs the autoencoder's width ({c.d_model}) and latent size ({c.latent_dim}) to "
+                f"equal the head's ({d}, {head.latent_dim}); the authors' releases differ"
+            )
         ptrs = [t.data_ptr() for t in tensors]
         self.ptrs = (ctypes.c_void_p * len(ptrs))(*ptrs)
         self.tensors = tensors  # keeps the storages alive while the pointers are in use
@@ -252,7 +257,14 @@ def kernel_for(head, autoencoder) -> FusedHeadDecoder:
     Raises KernelUnavailable (saying why) unless it compiles and can run them (the stock
     modules, float32 on the CPU)."""
     from calm.models.autoencoder import ChunkAutoencoder
+    from calm.models.energy import EnergyHead
 
+    if type(head) is not EnergyHead:  # before compiling anything: flow / diffusion heads
+        name = getattr(head, "name", type(head).__name__)
+        raise KernelUnavailable(
+            f"the fused kernel runs the energy head only; this model's head is {name!r}, "
+            "which takes the PyTorch path"
+        )
     _library()
     if type(autoencoder) is not ChunkAutoencoder:
         raise KernelUnavailable("the autoencoder is not the stock module")

@@ -28,11 +28,21 @@ import sys
 import time
 from pathlib import Path
 
-from calm.cli import add_no_verify_argument, add_official_ae_argument
+from calm.cli import (
+    add_head_sampling_arguments,
+    add_no_verify_argument,
+    add_official_ae_argument,
+    add_threads_argument,
+    apply_head_sampling,
+)
 
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", metavar="MODEL", help="checkpoint directory (CALM or token-level model)")
+    parser.add_argument(
+        "model",
+        metavar="MODEL",
+        help="checkpoint directory (CALM or token-level model), or a Hugging Face repo id in the local cache",
+    )
     src = parser.add_argument_group("prompts (at least one)")
     src.add_argument(
         "--prompt", "-p", action="append", default=[], metavar="TEXT", help="a prompt (repeat for a batch)"
@@ -78,8 +88,10 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
         help="run the whole model in this dtype: model = as stored (float32); bfloat16 is faster on GPUs "
         "(and on CPUs with AMX at large batch) and decodes the bf16 model's own argmax",
     )
+    add_head_sampling_arguments(parser)
     add_official_ae_argument(parser)
     add_no_verify_argument(parser)
+    add_threads_argument(parser)
     parser.add_argument("--seed", type=int, default=None, help="random seed (prompt i uses seed + i)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available)")
     parser.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-text token")
@@ -94,7 +106,9 @@ def read_prompts(args) -> list[str]:
     if args.prompt_file:
         path = Path(args.prompt_file)
         if path.is_dir():
-            raise GenerationError(f"--prompt-file {path} is a directory; give a text file with one prompt per line")
+            raise GenerationError(
+                f"--prompt-file {path} is a directory; give a text file with one prompt per line"
+            )
         if not path.is_file():
             raise FileNotFoundError(f"prompt file not found: {path}")
         try:
@@ -173,6 +187,7 @@ def run_generate(args) -> int:
         raise GenerationError(
             f"{args.model} holds a {kind} model; calm generate needs a CALM or token-level model"
         )
+    apply_head_sampling(model, args)
     tok = getattr(model, "tokenizer", None)
     if tok is None:
         raise GenerationError(f"{args.model} has no tokenizer (tokenizer.json); cannot encode the prompts")
@@ -220,7 +235,7 @@ def run_generate(args) -> int:
     if kind == "calm":
         kwargs.update(
             sampler=args.sampler,
-            num_candidates=args.num_samples,
+            num_samples=args.num_samples,
             max_draws=args.max_draws,
         )
     t0 = time.perf_counter()
@@ -246,6 +261,8 @@ def run_generate(args) -> int:
             "time_s": elapsed,
             "tokens_per_s": n_new / elapsed if elapsed > 0 else None,
         }
+        if kind == "calm":
+            result["head"] = model.head.describe()
         if kind == "calm" and args.temperature < 1:
             result["draws_per_step"] = stats.draws_per_row_step
             result["exact_hit_limit"] = stats.exact_hit_limit

@@ -32,7 +32,7 @@ Randomness: batched generation == one-by-one generation
 Temperature
     AR: softmax(logits / T), any T > 0. CALM has no logits: T in (0, 1] through
     `calm.sampling`. ``sampler="exact"`` (the default): rejection sampling that draws in
-    doubling blocks (8, 16, 32, 64, ...) only until it accepts, at most N = ``num_candidates``
+    doubling blocks (8, 16, 32, 64, ...) only until it accepts, at most N = ``num_samples``
     draws per row and step; a row that reaches N gets the batch approximation over its N
     draws. Its cost follows how peaked the model's P is: a confident model needs ~20 draws per
     step at T = 0.5 instead of 200 (benchmarks/bench_decode.py: 3x faster than "approx" at
@@ -49,7 +49,10 @@ Decoding: one decoder per model (`calm.decoding.ChunkDecoder`, the autoencoder d
     instead of K. Each step's CALM input (the chunk just produced) is K rows of a precomputed
     table (`calm.fast_decode.ChunkInputTable`), not a matmul over the K·d flattened
     embeddings. With a few rows at T = 1 on the CPU, head + decoder + argmax run as one
-    compiled call (`calm.fused_decode`) instead of ~80 small PyTorch ops.
+    compiled call (`calm.fused_decode`) instead of ~80 small PyTorch ops; that kernel runs the
+    energy head only, a flow or diffusion head (``config.head``) takes the PyTorch path, with
+    its noise from the same per-row streams (the head's ``noise_from_uniform``) and its
+    sampling steps (``model.set_head_sampling``).
 """
 
 from __future__ import annotations
@@ -405,7 +408,7 @@ def generate(
     max_new_tokens: int,
     temperature: float = 1.0,
     sampler: str = "exact",
-    num_candidates: int = 200,
+    num_samples: int = 200,
     seed: int | Sequence[int] | None = None,
     generator: torch.Generator | None = None,
     eos_id: int | None = _DEFAULT,
@@ -415,8 +418,11 @@ def generate(
     draws_per_call: int = 8,
     drop_finished: bool = True,
     fused_kernel: bool | None = None,
+    compile: bool = False,
+    lazy_draws: bool | None = None,
     profile: bool = False,
     return_stats: bool = False,
+    num_candidates: int | None = None,
 ):
     """Continue each prompt by up to `max_new_tokens` tokens. Returns the new tokens per row.
 
@@ -432,7 +438,9 @@ def generate(
             P^(1/T) for the rows that accept within the bound of draws, cost adapts to how
             peaked P is; rows that reach the bound get the approx choice over their draws) or
             "approx" (N candidates per step, `calm.sampling`'s batch estimator).
-        num_candidates: N for the approx sampler (200 is the paper's choice near T = 0.5), and
+        num_samples: N, head samples drawn per row and step by the approx sampler (200 is the
+            paper's choice near T = 0.5), and the exact sampler's default bound on draws (the CLI's
+            ``--num-samples``; ``num_candidates=`` is accepted as an older name),
             the exact sampler's default bound on draws per row and step.
         seed: int (row b uses seed + b) or one int per prompt: reproducible, and a row's output
             does not depend on the other rows in the batch. None: seeds from torch's global RNG.
@@ -443,18 +451,29 @@ def generate(
         stream: ``stream(row, tokens)`` is called as tokens are produced (in order; per row the
             pieces concatenate to that row's returned tokens).
         max_draws, draws_per_call: the exact sampler's bound on draws per row and step
-            (default: num_candidates) and its first block of draws (doubling per call, up to
+            (default: num_samples) and its first block of draws (doubling per call, up to
             64); see `calm.sampling.sample_exact`.
         drop_finished: remove finished rows from the batch (and KV cache) to save compute.
         fused_kernel: CALM on CPU: decode steps of at most `calm.fused_decode.MAX_ROWS`
             latents with the compiled head + decoder + argmax kernel (the same tokens up to
             float32 rounding; compiled on first use). None (default): where it applies and
-            compiles; True: require it (GenerationError saying why if it cannot be used);
-            False: always the PyTorch modules.
+            compiles; True: require it (GenerationError saying why if it cannot be used, e.g.
+            for a flow or diffusion head, which the kernel does not run); False: always the
+            PyTorch modules.
+        compile: decode through `torch.compile`d steps (``fullgraph=True``) over a fixed-shape
+            `calm.models.transformer.StaticKVCache`: the backbone step, the AR sampler and
+            CALM's T = 1 head + decoder + argmax (on CUDA, mode "reduce-overhead": CUDA graphs).
+            The first call with new shapes compiles (tens of seconds on a CPU); later calls with
+            the same shapes reuse the graphs. Finished rows stay in the batch (static shapes).
+        lazy_draws: CALM at T < 1: tell draws apart position by position (`calm.decoding.DrawClasses`;
+            the same chunks, less decoding). None (default): on the CPU; False: decode every draw
+            in full (e.g. to measure what the lazy decoding saves).
         profile: time the phases of a step (in stats.phases; synchronises CUDA).
         return_stats: also return a `GenerationStats`.
     """
     kind = _model_kind(model)
+    if num_candidates is not None:  # the older name of num_samples
+        num_samples = num_candidates
     prompts = _as_prompts(input_ids)
     cfg = model.config
     _check_prompts(prompts, cfg.vocab_size)
@@ -464,10 +483,10 @@ def generate(
     if kind == "calm":
         if sampler not in SAMPLERS:
             raise GenerationError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
-        if isinstance(num_candidates, bool) or not isinstance(num_candidates, int) or num_candidates < 1:
-            raise GenerationError(f"num_candidates must be an integer >= 1, got {num_candidates!r}")
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise GenerationError(f"num_samples must be an integer >= 1, got {num_samples!r}")
         if max_draws is None:
-            max_draws = num_candidates
+            max_draws = num_samples
         if isinstance(max_draws, bool) or not isinstance(max_draws, int) or max_draws < 1:
             raise GenerationError(f"max_draws must be an integer >= 1, got {max_draws!r}")
         if isinstance(draws_per_call, bool) or not isinstance(draws_per_call, int) or draws_per_call < 1:
@@ -509,7 +528,7 @@ def generate(
         prompt_tokens=[len(p) for p in prompts],
         sampler=sampler if kind == "calm" else None,
         temperature=temperature,
-        num_candidates=num_candidates if kind == "calm" and sampler == "approx" and temperature < 1 else None,
+        num_candidates=num_samples if kind == "calm" and sampler == "approx" and temperature < 1 else None,
     )
     was_training = model.training
     model.eval()
@@ -517,7 +536,18 @@ def generate(
     try:
         if kind == "ar":
             rows = _generate_ar(
-                model, prompts, steps, temperature, rng, eos, pad, stream, drop_finished, stats, profile
+                model,
+                prompts,
+                steps,
+                temperature,
+                rng,
+                eos,
+                pad,
+                stream,
+                drop_finished,
+                stats,
+                profile,
+                compile,
             )
         else:
             rows = _generate_calm(
@@ -534,10 +564,12 @@ def generate(
                 profile=profile,
                 temperature=temperature,
                 sampler=sampler,
-                num_candidates=num_candidates,
+                num_samples=num_samples,
                 max_draws=max_draws,
                 draws_per_call=draws_per_call,
                 fused_kernel=_fused_kernel(fused_kernel, model),
+                compile=compile,
+                lazy_draws=lazy_draws,
             )
     finally:
         model.train(was_training)
@@ -574,24 +606,64 @@ def _decode_loop(h, pos, steps, sample, advance, rows, row_state, drop_finished,
         timer.lap("backbone")
 
 
-def _generate_ar(model, prompts, steps, T, rng, eos, pad, stream, drop_finished, stats, profile):
+# ---------------------------------------------------------------------------------------------
+# Decoding steps, as plain functions of their inputs (so that one torch.compile serves every
+# call with the same shapes: `_compiled`)
+
+
+def _ar_advance(model, cache, tokens, pos):
+    return model.backbone(model.embed(tokens), positions=pos, cache=cache)[:, -1]
+
+
+def _ar_choice(model, h, uniforms, inv_t: float):
+    from calm.sampling import temper_logits
+
+    logits = model.lm_head(h).float()
+    if inv_t != 1.0:
+        logits = temper_logits(logits, inv_t)  # T -> 0 is greedy, never NaN
+    return inverse_cdf_choice(logits, uniforms).unsqueeze(1)  # [B, 1]
+
+
+def _calm_advance(model, table, cache, chunk, pos):
+    chunk = chunk.unsqueeze(1)  # [b, 1, K]
+    x = model.chunk_inputs(chunk) if table is None else table(chunk)
+    return model.backbone(x, positions=pos, cache=cache)[:, -1]
+
+
+_COMPILED: dict = {}
+
+
+def _compiled(fn, device: torch.device | None = None):
+    """``torch.compile(fn, fullgraph=True, dynamic=False)``, one per function for the process:
+    its graphs are reused by every call with the same shapes (they are guarded, not rebuilt).
+    On CUDA with mode "reduce-overhead" (CUDA graphs: one launch per step at small batch)."""
+    cuda = device is not None and device.type == "cuda"
+    key = (fn, cuda)
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(
+            fn, fullgraph=True, dynamic=False, mode="reduce-overhead" if cuda else None
+        )
+    return _COMPILED[key]
+
+
+def _generate_ar(
+    model, prompts, steps, T, rng, eos, pad, stream, drop_finished, stats, profile, compile=False
+):
     device = next(model.parameters()).device
     B = len(prompts)
     tokens, valid = prepare_prompts(prompts, pad, 1, device)
     positions = _positions(valid)
     padded = not bool(valid.all())
-    cache = model.backbone.new_cache(B, tokens.shape[1] + steps - 1)
+    cache = model.backbone.new_cache(B, tokens.shape[1] + steps - 1, static=compile)
+    advance_fn = _compiled(_ar_advance, device) if compile else _ar_advance
+    choice_fn = _compiled(_ar_choice, device) if compile else _ar_choice
     timer = _Timer(profile, device)
     rows = _Rows(B, steps, steps, eos, stream, device, pad)
     uniforms = NoiseBlocks(rng, 1, (), torch.float64)
     inv_t = 1.0 / T
-    from calm.sampling import temper_logits
 
     def sample(h: torch.Tensor, step: int) -> torch.Tensor:
-        logits = model.lm_head(h).float()
-        if inv_t != 1.0:
-            logits = temper_logits(logits, inv_t)  # T -> 0 is greedy, never NaN
-        out = inverse_cdf_choice(logits, uniforms.get(step)).unsqueeze(1)  # [B, 1]
+        out = choice_fn(model, h, uniforms.get(step), inv_t)
         timer.lap("sample")
         return out
 
@@ -608,10 +680,10 @@ def _generate_ar(model, prompts, steps, T, rng, eos, pad, stream, drop_finished,
         pos,
         steps,
         sample,
-        lambda nxt, pos: model.backbone(model.embed(nxt), positions=pos, cache=cache)[:, -1],
+        lambda nxt, pos: advance_fn(model, cache, nxt, pos),
         rows,
         [cache, rng, uniforms],
-        drop_finished,
+        drop_finished and not compile,  # compiled steps keep their shapes
         stats,
         timer,
     )
@@ -619,7 +691,22 @@ def _generate_ar(model, prompts, steps, T, rng, eos, pad, stream, drop_finished,
     return rows
 
 
-def _generate_calm(model, prompts, steps, max_new, rng, stats, *, eos, pad, stream, drop_finished, profile, **sampling):
+def _generate_calm(
+    model,
+    prompts,
+    steps,
+    max_new,
+    rng,
+    stats,
+    *,
+    eos,
+    pad,
+    stream,
+    drop_finished,
+    profile,
+    compile=False,
+    **sampling,
+):
     cfg = model.config
     K = cfg.chunk_size
     device = next(model.parameters()).device
@@ -630,16 +717,17 @@ def _generate_calm(model, prompts, steps, max_new, rng, stats, *, eos, pad, stre
     chunk_valid = token_valid.any(-1)
     positions = _positions(chunk_valid)
     padded = not bool(token_valid.all())
-    cache = model.new_cache(B, chunks.shape[1] + steps - 1)
+    cache = model.new_cache(B, chunks.shape[1] + steps - 1, static=compile)
     timer = _Timer(profile, device)
     rows = _Rows(B, steps * K, max_new, eos, stream, device, pad)
-    sample = ChunkSampler(model, rng, stats=stats, timer=timer if profile else None, **sampling)
+    sample = ChunkSampler(
+        model, rng, stats=stats, timer=timer if profile else None, compile=compile, **sampling
+    )
     table = ChunkInputTable.for_model(model)  # built outside the timed run, cached
+    advance_fn = _compiled(_calm_advance, device) if compile else _calm_advance
 
     def advance(chunk: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        chunk = chunk.unsqueeze(1)  # [b, 1, K]
-        x = model.chunk_inputs(chunk) if table is None else table(chunk)
-        return model.backbone(x, positions=pos, cache=cache)[:, -1]
+        return advance_fn(model, table, cache, chunk, pos)
 
     timer.start()
     t_prefill = time.perf_counter()
@@ -653,6 +741,17 @@ def _generate_calm(model, prompts, steps, max_new, rng, stats, *, eos, pad, stre
     pos = positions[:, -1:] + 1
     stats.prefill_s = time.perf_counter() - t_prefill
     timer.lap("prefill")
-    _decode_loop(h, pos, steps, sample, advance, rows, [cache, sample, rng], drop_finished, stats, timer)
+    _decode_loop(
+        h,
+        pos,
+        steps,
+        sample,
+        advance,
+        rows,
+        [cache, sample, rng],
+        drop_finished and not compile,
+        stats,
+        timer,
+    )
     stats.phases = timer.phases
     return rows

@@ -10,7 +10,7 @@ once. `NoiseBlocks` draws many steps' worth of one stream per call.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -115,8 +115,17 @@ class NoiseBlocks:
     gets for a step are independent of the batch composition.
     """
 
-    def __init__(self, rng: RowRandom, purpose: int, shape: Sequence[int], dtype, *, shift: float = 0.0):
-        self.rng, self.purpose, self.shape, self.dtype, self.shift = rng, purpose, tuple(shape), dtype, shift
+    def __init__(
+        self,
+        rng: RowRandom,
+        purpose: int,
+        shape: Sequence[int],
+        dtype,
+        *,
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ):
+        self.rng, self.purpose, self.shape, self.dtype = rng, purpose, tuple(shape), dtype
+        self.transform = transform  # uniforms -> the values wanted (e.g. a head's `noise_from_uniform`)
         per_step = max(1, math.prod(self.shape))
         self.block = max(1, min(64, (1 << 16) // per_step))
         self._index = -1
@@ -130,6 +139,6 @@ class NoiseBlocks:
         index, offset = divmod(step, self.block)
         if index != self._index:
             u = self.rng.uniform((self.purpose, index), (self.block, *self.shape), self.dtype)
-            self._values = u.sub_(self.shift) if self.shift else u
+            self._values = self.transform(u) if self.transform is not None else u
             self._index = index
         return self._values[:, offset]

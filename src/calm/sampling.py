@@ -1,8 +1,8 @@
 """Temperature sampling without logits (DESIGN §2.4).
 
-A CALM model has no logits: its energy head gives *samples* of the next chunk, never their
-probabilities. These functions turn any black-box sampler of a distribution P over chunks
-(K-token tuples) into a sampler of the tempered distribution
+A CALM model has no logits: its head (energy, flow or diffusion) gives *samples* of the next
+chunk, never their probabilities. These functions turn any black-box sampler of a
+distribution P over chunks (K-token tuples) into a sampler of the tempered distribution
 
     P_T(x) = P(x)^(1/T) / Z,    Z = sum_x P(x)^(1/T),    0 < T <= 1.
 

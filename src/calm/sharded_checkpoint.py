@@ -17,14 +17,13 @@ The atomic-directory rules are those of `calm.checkpoint`: rank 0 creates the hi
 directory, all ranks write into it, and rank 0 writes the marker and renames it into place
 only after every rank has finished, so a half-written checkpoint never loads.
 
-`export_checkpoint` (``calm export CHECKPOINT OUT``) turns any checkpoint into an inference
+`export_checkpoint` (``calm export CHECKPOINT OUT``, `calm.export_cli`) turns any checkpoint into an inference
 checkpoint in the ordinary format (config.json + model.safetensors + tokenizer), reading the
 model's entries of the shards on one process; `calm.load` reads a sharded checkpoint directly.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import warnings
@@ -208,32 +207,3 @@ def export_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, verify:
         "params": sum(p.numel() for p in model.parameters()),
         "bytes": (out / WEIGHTS_FILE).stat().st_size,
     }
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line: calm export
-
-
-def add_export_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = (
-        "Write an inference checkpoint (config.json + model.safetensors + tokenizer) from a training "
-        "checkpoint: a sharded (FSDP2/DCP) one is consolidated on this one process, an ordinary one "
-        "is copied without its training state. The result loads with calm.load, calm eval, calm generate."
-    )
-    parser.add_argument("checkpoint", metavar="CHECKPOINT", help="e.g. RUN_DIR/checkpoint")
-    parser.add_argument("out", metavar="OUT_DIR", help="the new checkpoint directory")
-    parser.add_argument("--no-verify", action="store_true", help="skip the SHA-256 checks of the source files")
-    parser.add_argument("--json", action="store_true", help="print the summary as one JSON object")
-
-
-def run_export(args: argparse.Namespace) -> int:
-    summary = export_checkpoint(args.checkpoint, args.out, verify=not args.no_verify)
-    if args.json:
-        print(json.dumps(summary))
-    else:
-        what = "sharded checkpoint" if summary["sharded"] else "checkpoint"
-        print(
-            f"exported the {summary['kind']} model of {what} {summary['source']} ({summary['params'] / 1e6:.2f}M "
-            f"parameters) to {summary['out']} ({summary['bytes'] / 1e6:.1f} MB)"
-        )
-    return 0

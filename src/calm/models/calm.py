@@ -1,12 +1,14 @@
 """CALM language model (stage 2, DESIGN §2.2): next-vector prediction over chunks of K tokens.
 
-    tokens [B, T] ─ chunks [B, C, K] ─ embed + compress ─ backbone ─ h [B, C, d] ─ energy head ─ z̃
+    tokens [B, T] ─ chunks [B, C, K] ─ embed + compress ─ backbone ─ h [B, C, d] ─ head ─ z̃
                                                                         ↑ h at chunk i predicts chunk i+1
 
 The input at step i is chunk i's K *tokens* (embedded, flattened and compressed to d), not
 its latent vector. The training target of step i is the frozen autoencoder's posterior of
-chunk i+1, from which M vectors are drawn; the head draws N vectors and the energy loss
-compares the two sets. The autoencoder is frozen (no gradients, always in eval mode) and
+chunk i+1. The generative head (`config.head`, `calm.models.head`) turns that posterior into
+its loss: the default energy head draws M vectors from it and N of its own, and the energy
+loss compares the two sets; the flow and diffusion heads regress a velocity / the noise on
+posterior draws. The autoencoder is frozen (no gradients, always in eval mode) and
 part of the module, so a CALM checkpoint carries it and one directory is enough to generate.
 """
 
@@ -18,7 +20,8 @@ from torch import nn
 
 from calm.config import AutoencoderConfig, CALMConfig, ConfigError
 from calm.models.autoencoder import ChunkAutoencoder
-from calm.models.energy import EnergyHead, energy_loss
+from calm.models.energy import energy_loss
+from calm.models.head import build_head
 from calm.models.layers import RMSNorm, built_on_meta, init_weights
 from calm.models.transformer import Backbone, KVCache
 
@@ -64,7 +67,7 @@ class NextChunkTokenHead(nn.Module):
 
 
 class CALM(nn.Module):
-    """Continuous autoregressive LM: compressed chunk inputs, Transformer backbone, energy head."""
+    """Continuous autoregressive LM: compressed chunk inputs, Transformer backbone, generative head."""
 
     @built_on_meta
     def __init__(self, config: CALMConfig):
@@ -79,14 +82,7 @@ class CALM(nn.Module):
             nn.Linear(K * d, 2 * d), nn.SiLU(), nn.Linear(2 * d, d), nn.LayerNorm(d, eps=config.norm_eps)
         )
         self.backbone = Backbone(config)
-        self.head = EnergyHead(
-            d,
-            config.latent_dim,
-            config.noise_dim,
-            config.num_head_layers,
-            zero_last=config.head_init == "zero",
-            noise_atoms=config.head_noise_atoms,
-        )
+        self.head = build_head(config)  # the energy head unless config.head says otherwise
         # Training-only auxiliary head (aux_token_weight > 0): h -> the next chunk's K tokens.
         self.token_head = NextChunkTokenHead(d, K, config.norm_eps) if config.aux_token_weight > 0 else None
         self.autoencoder = ChunkAutoencoder(ae_config)
@@ -96,7 +92,8 @@ class CALM(nn.Module):
     def init_weights(self) -> None:
         """The seeded initialisation of every part (the frozen autoencoder included, until a
         trained one is loaded into it): N(0, 0.02) for the input side and the backbone, the
-        energy head's own scheme, PyTorch's default for the auxiliary token head."""
+        generative head's own scheme (its ``init_weights``: for the energy head Xavier with the
+        last layer zero or Xavier by ``head_init``), PyTorch's default for the auxiliary token head."""
         for part in (self.embed, self.compress, self.backbone):
             init_weights(part)
         self.head.init_weights()
@@ -161,11 +158,23 @@ class CALM(nn.Module):
         x = self.chunk_inputs(tokens, token_valid)
         return self.backbone(x, positions=positions, valid=valid, cache=cache)
 
-    def new_cache(self, batch_size: int, max_len: int | None = None, device=None, dtype=None, *, static=False):
+    def new_cache(
+        self, batch_size: int, max_len: int | None = None, device=None, dtype=None, *, static=False
+    ):
         """A KV cache for `batch_size` rows of at most `max_len` chunks (`Backbone.new_cache`)."""
         return self.backbone.new_cache(batch_size, max_len, device, dtype, static=static)
 
     # -- sampling -------------------------------------------------------------------------------
+    def set_head_sampling(self, steps: int | None = None, solver: str | None = None) -> CALM:
+        """Change the head's sampling steps / solver at use time (config and head; the weights
+        do not depend on them). ConfigError naming the setting if it is bad or the head has none
+        (the energy head samples in one pass). Returns self."""
+        changes = self.head.sampling_changes(steps, solver)
+        if changes:
+            self.config = self.config.replace(**changes)  # validated by CALMConfig
+            self.head.configure(self.config)
+        return self
+
     def sample_latents(
         self, hidden: torch.Tensor, num_samples: int = 1, generator: torch.Generator | None = None
     ) -> torch.Tensor:
@@ -191,11 +200,11 @@ class CALM(nn.Module):
 
     # -- training objective ---------------------------------------------------------------------
     def loss(self, tokens: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """Mean energy loss over chunk positions 1..C-1 of windows `tokens` [B, T].
+        """Mean head loss (energy loss by default) over chunk positions 1..C-1 of windows `tokens` [B, T].
 
         With ``aux_token_weight`` > 0, plus that weight times the auxiliary head's mean token
-        cross-entropy (metric ``aux_ce``). In eval mode the metrics also hold two reference
-        values of the same energy loss on the same targets, from the frozen autoencoder alone:
+        cross-entropy (metric ``aux_ce``). In eval mode, for the energy head, the metrics also hold two
+        reference values of the same energy loss, from the frozen autoencoder alone:
         ``oracle_energy`` (samples from the true next chunk's posterior: the floor) and
         ``context_free_energy`` (posterior samples of random other chunks of the batch: what a
         predictor that ignores the context scores). `derived_metrics` turns them into the
@@ -213,33 +222,32 @@ class CALM(nn.Module):
         with torch.no_grad():
             mu, log_std = self.autoencoder.encode(chunks[:, 1:])
             mu, std = mu.float(), log_std.float().exp()
-            # Targets y_m = μ + σ ε_m, kept relative to μ (distances are shift-invariant; the
-            # shifted vectors are small, which keeps the matmul distance identity accurate).
-            eps = torch.randn((B, C - 1, c.num_target_samples, c.latent_dim), device=mu.device)
-            targets = eps.mul_(std.unsqueeze(-2))
-        samples = self.head.sample(h, c.num_model_samples)  # [B, C-1, N, l]
-        per_pos, fidelity, diversity = energy_loss(
-            samples.float() - mu.unsqueeze(-2), targets, c.energy_alpha, return_parts=True, center=False
-        )
+        per_pos, metrics = self.head.loss(h, mu, std)  # [B, C-1]; the head draws its own targets
         loss = per_pos.mean()
-        metrics = {"fidelity": fidelity.detach().mean(), "diversity": diversity.detach().mean()}
-        if self.token_head is not None or not self.training:
-            metrics["energy"] = loss.detach()  # the loss without the auxiliary term
+        if self.token_head is not None or c.decoder_ce_weight > 0 or not self.training:
+            metrics["energy" if c.head == "energy" else "head_loss"] = loss.detach()  # without the aux term
         if self.token_head is not None:
             logits = self.token_head(h, self.embed.weight)  # [B, C-1, K, V]
             aux = F.cross_entropy(logits.flatten(0, -2).float(), chunks[:, 1:].flatten())
             loss = loss + c.aux_token_weight * aux
             metrics["aux_ce"] = aux.detach()
-        if not self.training:
+        if c.decoder_ce_weight > 0:
+            z = self.head.sample(h, 1)[..., 0, :]  # [B, C-1, l], with gradient to the head
+            logits = self.autoencoder.decode_logits(z)  # frozen decoder, gradient flows through
+            dce = F.cross_entropy(logits.flatten(0, -2).float(), chunks[:, 1:].flatten())
+            loss = loss + c.decoder_ce_weight * dce
+            metrics["decoder_ce"] = dce.detach()
+        if not self.training and c.head == "energy":
             with torch.no_grad():
-                metrics.update(self._reference_energies(mu, std, targets))
+                metrics.update(self._reference_energies(mu, std))
         return loss, metrics
 
-    def _reference_energies(self, mu: torch.Tensor, std: torch.Tensor, targets: torch.Tensor) -> dict:
-        """Energy loss of two samplers that need no model (see `loss`), on the same targets."""
+    def _reference_energies(self, mu: torch.Tensor, std: torch.Tensor) -> dict:
+        """Energy loss of two samplers that need no model (see `loss`), all relative to mu."""
         c = self.config
         N, l = c.num_model_samples, c.latent_dim
         lead = mu.shape[:-1]
+        targets = torch.randn((*lead, c.num_target_samples, l), device=mu.device).mul_(std.unsqueeze(-2))
         oracle = torch.randn((*lead, N, l), device=mu.device).mul_(std.unsqueeze(-2))
         flat_mu, flat_std = mu.reshape(-1, l), std.reshape(-1, l)
         pick = torch.randint(0, flat_mu.shape[0], (*lead, N), device=mu.device)

@@ -13,6 +13,9 @@ that depends on h alone — h' = LN(W h) and, in every block, the h-half of the 
 layer (Linear(concat(a, b)) = W_a a + W_b b + bias) — is computed once per position and
 broadcast over the samples. The parameters are the plain ones (the weight matrix is split at
 call time), so the layout matches the authors' `MLPGenerator` and their checkpoints map 1:1.
+
+`EnergyHead` is CALM's default `calm.models.head.GenerativeHead`: its `loss` draws M targets
+from the encoder's posterior and N samples, and returns the energy loss per position.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from calm.models.head import GenerativeHead
 from calm.models.layers import built_on_meta
 
 
@@ -61,8 +65,10 @@ class FinalLayer(nn.Module):
         return self.linears(self.in_ln(x))
 
 
-class EnergyHead(nn.Module):
+class EnergyHead(GenerativeHead):
     """Implicit generator of latent vectors conditioned on a hidden state (one pass per sample)."""
+
+    name = "energy"
 
     @built_on_meta
     def __init__(
@@ -75,10 +81,19 @@ class EnergyHead(nn.Module):
         *,
         zero_last: bool = True,
         noise_atoms: int = 0,
+        num_model_samples: int = 8,
+        num_target_samples: int = 100,
+        alpha: float = 1.0,
     ):
         super().__init__()
         self.zero_last = zero_last
         self.d_model, self.latent_dim, self.noise_dim = d_model, latent_dim, noise_dim
+        # training-loss settings (N, M, the exponent); they are not weights
+        self.num_model_samples, self.num_target_samples, self.alpha = (
+            num_model_samples,
+            num_target_samples,
+            alpha,
+        )
         self.noise_embd = nn.Linear(noise_dim, d_model)
         self.hidden_embd = nn.Linear(d_model, d_model)
         self.norm_hidden = nn.LayerNorm(d_model, eps=eps)
@@ -91,10 +106,6 @@ class EnergyHead(nn.Module):
         self.atoms = nn.Embedding(noise_atoms, d_model) if noise_atoms > 0 else None
         self.blocks = nn.ModuleList(HeadBlock(d_model, eps) for _ in range(num_blocks))
         self.final_layer = FinalLayer(d_model, latent_dim, eps)
-
-    def init_weights(self) -> None:
-        """The seeded initialisation (`reset_parameters`)."""
-        self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """Xavier-uniform linears with zero biases, LayerNorms at identity, last layer zero.
@@ -147,6 +158,42 @@ class EnergyHead(nn.Module):
     ) -> torch.Tensor:
         """`num_samples` independent samples per position: h [..., d] -> [..., num_samples, l]."""
         return self(h, self.noise((*h.shape[:-1], num_samples), device=h.device, generator=generator))
+
+    @classmethod
+    def from_config(cls, config) -> EnergyHead:
+        """The head of a `CALMConfig` (sizes and the energy-loss settings N, M, alpha)."""
+        return cls(
+            config.d_model,
+            config.latent_dim,
+            config.noise_dim,
+            config.num_head_layers,
+            num_model_samples=config.num_model_samples,
+            num_target_samples=config.num_target_samples,
+            alpha=config.energy_alpha,
+            zero_last=config.head_init == "zero",
+            noise_atoms=config.head_noise_atoms,
+        )
+
+    def noise_from_uniform(self, u: torch.Tensor) -> torch.Tensor:
+        """Uniform(−0.5, 0.5) noise from uniforms in (0, 1), in place."""
+        return u.sub_(0.5)
+
+    def loss(self, h: torch.Tensor, mu: torch.Tensor, std: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Energy loss per position [...] for hidden states h [..., d] and the posterior
+        N(mu, std²) [..., l] of the next chunk; metrics: mean fidelity and diversity.
+
+        M targets y_m = mu + std·ε_m are drawn first, then N head samples (torch's RNG). Both
+        are kept relative to mu: distances are shift-invariant, and the shifted vectors are
+        small, which keeps the matmul distance identity of `energy_loss` accurate.
+        """
+        with torch.no_grad():
+            eps = torch.randn((*mu.shape[:-1], self.num_target_samples, mu.shape[-1]), device=mu.device)
+            targets = eps.mul_(std.unsqueeze(-2))
+        samples = self.sample(h, self.num_model_samples)  # [..., N, l]
+        per_pos, fidelity, diversity = energy_loss(
+            samples.float() - mu.unsqueeze(-2), targets, self.alpha, return_parts=True, center=False
+        )
+        return per_pos, {"fidelity": fidelity.detach().mean(), "diversity": diversity.detach().mean()}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -45,7 +45,8 @@ Things about the release worth knowing (all handled here):
 The package is split by job: `calm.official.layout` (layout detection, reading files),
 `calm.official.keymaps` (the key maps), `calm.official.configs` (config translation),
 `calm.official.build` (building our models on the mapped tensors), `calm.official.tokenizer`,
-`calm.official.convert` (`load_official`, `convert_official`) and `calm.official.cli`.
+`calm.official.convert` (`load_official`, `convert_official`); the command line is
+`calm.official_cli` (outside the package, so that its ``--help`` imports no torch).
 
 Command line: ``calm convert-official --calm DIR --ae DIR [--tokenizer DIR] --out DIR [--json]``
 (``--ae`` alone converts just an autoencoder).
@@ -54,7 +55,6 @@ Command line: ``calm convert-official --calm DIR --ae DIR [--tokenizer DIR] --ou
 from __future__ import annotations
 
 from calm.official.build import build_from_tensors
-from calm.official.cli import add_convert_official_arguments, run_convert_official
 from calm.official.configs import autoencoder_config_from_official, calm_config_from_official
 from calm.official.convert import LoadReport, convert_official, load_official
 from calm.official.keymaps import autoencoder_key_map, calm_key_map
@@ -82,6 +82,4 @@ __all__ = [
     "load_official_tokenizer",
     "load_official",
     "convert_official",
-    "add_convert_official_arguments",
-    "run_convert_official",
 ]

@@ -1,18 +1,13 @@
-"""``calm convert-official``: the command line of `calm.official.convert_official`."""
+"""`calm convert-official`: the command line of `calm.official.convert_official`.
+
+Importing this module needs no torch (`calm convert-official --help` stays fast).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-
-import torch
-
-from calm.official.convert import convert_official
-from calm.official.layout import OfficialFormatError
-
-# =============================================================================================
-# CLI: calm convert-official
 
 
 def add_convert_official_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,6 +44,10 @@ def add_convert_official_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_convert_official(args: argparse.Namespace) -> int:
+    import torch
+
+    from calm.official import OfficialFormatError, convert_official
+
     if args.calm is None and args.ae is None:
         raise OfficialFormatError(
             "give --calm DIR (with --ae DIR unless it holds its autoencoder) or --ae DIR"
