@@ -1,5 +1,7 @@
 """The device-side pieces of a training step: lr schedule, skipped updates, MFU inputs; `calm export`."""
 
+import contextlib
+
 import pytest
 import torch
 from test_train import MemoryData, cfg, tiny
@@ -74,3 +76,34 @@ def test_export_of_an_ordinary_checkpoint_drops_the_training_state(tmp_path):
         assert torch.equal(loaded.state_dict()[k], v), k
     with pytest.raises(CheckpointError, match="must lie outside"):
         export_checkpoint(tmp_path / "run" / "checkpoint", tmp_path / "run" / "checkpoint" / "x")
+
+
+def test_lr_scale_groups_follow_the_device_schedule_and_the_log_shows_the_base_lr(tmp_path):
+    """lr_scale groups keep their factor under the device schedule, through skipped steps and a
+    resume; the logged lr is the unscaled one even when the first group is a scaled one."""
+    from calm.train_step import StepRunner
+
+    c = cfg(steps=8, warmup_steps=4, schedule="cosine", lr=1e-2, lr_scale="proj=0.5,norm=3")
+    model = tiny(nan_token=31)
+    opt = build_optimizer(model, c)
+    factors = [g["lr"] / c.lr for g in opt.param_groups]
+    assert set(factors) == {0.5, 1.0, 3.0} and factors[0] == 0.5  # the first group is scaled
+    sched = DeviceSchedule(opt, c, torch.device("cpu"))
+    params = [p for p in model.parameters() if p.requires_grad]
+    runner = StepRunner(model, model.loss, opt, sched, params, c, torch.device("cpu"), contextlib.nullcontext())
+    data = MemoryData(poison={2}, poison_id=31)  # step 2 is non-finite: skipped, the schedule waits
+    for step in range(4):
+        runner.run(step, data.train_batch(step, c.batch_size, c.block_size, c.seed, 0, 1))
+    stats = runner.read()
+    assert stats.skipped == 1 and stats.applied == 3
+    last = lr_multiplier(2, c)  # the last step ran after 2 applied updates (step 2 was skipped)
+    for g, f in zip(opt.param_groups, factors):
+        assert float(g["lr"]) == pytest.approx(last * c.lr * f, rel=1e-6)
+    assert stats.lr == pytest.approx(last * c.lr, rel=1e-6)  # unscaled, though group 0 is scaled
+    # a resumed schedule (checkpoint state) puts every group back on its own factor
+    resumed = DeviceSchedule(build_optimizer(tiny(), c), c, torch.device("cpu"))
+    resumed.load_state_dict(sched.state_dict())
+    assert resumed.state_dict() == {"last_epoch": 3}
+    resumed.set_lr()
+    for g, f in zip(resumed.optimizer.param_groups, factors):
+        assert float(g["lr"]) == pytest.approx(lr_multiplier(3, c) * c.lr * f, rel=1e-6)

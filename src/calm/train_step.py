@@ -109,7 +109,7 @@ class IntervalStats:
     streak: int  # consecutive skipped steps up to now (carried across intervals)
     max_streak: int  # longest run of consecutive skipped steps seen in the interval
     last_bad_step: int  # 1-based step of the last skipped step (0: none yet)
-    lr: float  # the lr of the interval's last step
+    lr: float  # the lr of the interval's last step (before any group's lr_scale factor)
 
 
 class StepRunner:
@@ -180,10 +180,12 @@ class StepRunner:
     def read(self) -> IntervalStats:
         """Host read at a log line: interval means over ranks, counters, lr; then a new interval."""
         if self.sums is None:
-            return IntervalStats({}, 0, 0, 0, 0, 0, float(self.schedule.base_lrs[0]))
+            return IntervalStats({}, 0, 0, 0, 0, 0, float(self.cfg.lr))
         c = self.counters
         totals = all_reduce_sum(torch.cat([self.sums, c[_APPLIED : _APPLIED + 1]]))
-        lr = self.optimizer.param_groups[0]["lr"].detach().double().reshape(1)
+        # the schedule's lr without any group's lr_scale factor (group 0 may be a scaled one)
+        unscaled = self.cfg.lr / self.schedule.base_lrs[0] if self.schedule.base_lrs[0] else 1.0
+        lr = self.optimizer.param_groups[0]["lr"].detach().double().reshape(1) * unscaled
         host = torch.cat([totals, c, lr]).tolist()
         n = len(self.keys)
         sums, applied_all = host[:n], host[n]
