@@ -215,14 +215,22 @@ def test_low_temperature_sharpens(sampler):
     """A head whose chunk distribution has a mode of probability ~0.57 (then ~0.26, ~0.08, ...):
     at T = 1 the mode comes out ~57% of the time, at T = 0.25 (P^4 / Z: ~95%) far more often."""
     m = _calm(head_std=0.02)
-    torch.manual_seed(1)
-    torch.nn.init.normal_(m.head.final_layer.linears[-1].bias, std=1.0)  # a dominant latent
     prompt = PROMPTS[3]
-    with torch.no_grad():
-        ref = m.sample_chunks(m.hidden(torch.tensor([prompt]))[:, -1], 2000)[0]
-    values, counts = torch.unique(ref, dim=0, return_counts=True)
+    # A dominant latent (the last layer's bias) whose samples decode to one chunk about half the
+    # time, with the runner-up at most half as likely: the first bias draw that gives it (where
+    # the draw falls relative to the random decoder's boundaries depends on the weights).
+    for seed in range(1, 40):
+        torch.manual_seed(seed)
+        torch.nn.init.normal_(m.head.final_layer.linears[-1].bias, std=1.0)
+        with torch.no_grad():
+            ref = m.sample_chunks(m.hidden(torch.tensor([prompt]))[:, -1], 2000)[0]
+        values, counts = torch.unique(ref, dim=0, return_counts=True)
+        top = counts.sort(descending=True).values
+        if 0.45 < top[0] / 2000 < 0.7 and (len(top) == 1 or top[1] <= top[0] / 2):
+            break
+    else:
+        pytest.fail("no bias draw gave a mode of probability 0.45-0.7")
     mode = values[counts.argmax()].tolist()
-    assert 0.45 < counts.max() / 2000 < 0.7
 
     def mode_freq(T):
         out = generate(
