@@ -1,6 +1,6 @@
 """GPU check of the training path at paper shapes: tokens/s, MFU, CALM ÷ baseline, no host syncs.
 
-Run on one CUDA GPU (written for an H200; about 5-8 minutes there)::
+Run on one CUDA GPU (written for an H200; estimated at 5-8 minutes there, not yet run on one)::
 
     python benchmarks/gpu_check.py [--batch-size 16] [--block-size 2048] [--out bench_out/gpu_check]
 
