@@ -207,8 +207,11 @@ def _import(name: str, lib: Path) -> ModuleType:
 
 
 def entry_of(module: ModuleType) -> Path | None:
-    """The cache entry (directory) a module loaded by `load_extension` came from."""
-    for lib, m in _imported.items():
+    """The cache entry (directory) a module loaded by `load_extension` came from last.
+    (Importing an extension whose name is already loaded from another path, as happens when
+    $CALM_CACHE_DIR changes within a process, maps the new file but returns the first module
+    object: the latest verified entry is the one reported.)"""
+    for lib, m in reversed(_imported.items()):
         if m is module:
             return Path(lib).parent
     return None
