@@ -126,13 +126,15 @@ def test_generate_with_the_kernel_equals_generate_without(temperature):
 
 
 @needs_kernel
-def test_an_autoencoder_narrower_than_the_backbone_runs_in_the_kernel():
-    # The authors' releases pair a d = 512 autoencoder with d = 1024 backbones. The C kernel had
-    # one width for head and decoder and read past the decoder's weights (wrong chunks or a
-    # segfault); the two widths are now separate sizes, each weight checked against them.
+@pytest.mark.parametrize("ae_width", [24, 48])
+def test_an_autoencoder_of_another_width_than_the_backbone_runs_in_the_kernel(ae_width):
+    # The authors' releases pair a d = 512 autoencoder with d = 1024 backbones (24 vs 32 here;
+    # 48: wider than the head, the scratch rows follow the widest). The C kernel had one width
+    # for head and decoder and read past the decoder's weights (wrong chunks or a segfault);
+    # the two widths are now separate sizes, each weight checked against them.
     torch.manual_seed(0)
     ae = ChunkAutoencoder(
-        AutoencoderConfig(vocab_size=64, d_model=24, ffn_dim=40, latent_dim=8, num_layers=2)
+        AutoencoderConfig(vocab_size=64, d_model=ae_width, ffn_dim=40, latent_dim=8, num_layers=2)
     )
     cfg = CALMConfig(
         d_model=32, num_layers=1, num_heads=2, ffn_dim=48, max_seq_len=32, vocab_size=64,
