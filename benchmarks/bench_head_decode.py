@@ -55,7 +55,9 @@ def _time(fn, h, noise, calls: int) -> tuple[float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--calm", default=None, help="trained CALM checkpoint (default: random CPU presets)")
     parser.add_argument("--batch", type=int, default=1, help="rows (positions) per call, one sample each")
     parser.add_argument("--reps", type=int, default=5)
@@ -88,7 +90,9 @@ def main() -> None:
             for _ in range(10):
                 fn(h, noise)
             same = (out == reference).all(-1).float().mean().item()
-            print(f"{name}: first calls {time.perf_counter() - t0:.1f} s; chunks equal to eager's: {same:.0%}")
+            print(
+                f"{name}: first calls {time.perf_counter() - t0:.1f} s; chunks equal to eager's: {same:.0%}"
+            )
         rounds = {name: [] for name in variants}
         for _ in range(args.reps):
             for name, fn in variants.items():

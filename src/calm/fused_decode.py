@@ -126,12 +126,7 @@ class FusedHeadDecoder:
         # head blocks, decoder blocks before and after `expand`, tokens per chunk, the two eps
         self.sizes = (len(head.blocks), len(ae.decoder_pre), len(ae.decoder_post), ae.config.chunk_size)
         self.eps = (lns[0].eps, rms[0].eps)
-        self.K, self.latent_dim, self.noise_dim, self.d = (
-            ae.config.chunk_size,
-            head.latent_dim,
-            head.noise_dim,
-            head.d_model,
-        )
+        self.d, self.noise_dim = head.d_model, head.noise_dim
         self._run = _library().head_decode
         try:  # every shape is checked now, once, on an empty batch (and again on every call)
             self(torch.empty(0, self.d), torch.empty(0, 1, self.noise_dim))

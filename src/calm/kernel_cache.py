@@ -50,8 +50,8 @@ import torch
 __all__ = ["KernelUnavailable", "cache_dir", "entry_of", "load_extension", "secure_cache_dir"]
 
 # The build flags, tried in this order: this CPU's vector width, then plain -O3 for compilers
-# that do not know -march=native. -ffp-contract=fast: fused multiply-adds (as the C kernel
-# always had; ISO mode would forbid them).
+# that do not know -march=native. -ffp-contract=fast: fused multiply-adds, which the kernel's
+# timings assume (ISO mode would forbid them).
 FLAG_SETS = (["-O3", "-march=native", "-ffp-contract=fast"], ["-O3", "-ffp-contract=fast"])
 _LIB_SUFFIX = ".so"
 _FORMAT = b"calm-kernel-cache-1"  # bump when the cache's layout changes
