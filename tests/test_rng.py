@@ -60,7 +60,13 @@ def _calm(seed=3) -> CALM:
 
 @pytest.mark.parametrize(
     "temperature,sampler,lazy",
-    [(1.0, "exact", True), (0.5, "exact", True), (0.5, "exact", False), (0.5, "approx", True), (0.4, "approx", False)],
+    [
+        (1.0, "exact", True),
+        (0.5, "exact", True),
+        (0.5, "exact", False),
+        (0.5, "approx", True),
+        (0.4, "approx", False),
+    ],
 )
 def test_chunk_sampler_with_per_row_steps_equals_each_row_alone(temperature, sampler, lazy):
     """`ChunkSampler(h, steps)` with a LongTensor of per-row steps: each row's chunk is the one

@@ -111,7 +111,12 @@ class RowRandom:
         return _mix64(key + self._index(n, offset))
 
     def uniform(
-        self, stream: Sequence, shape: Sequence[int] = (), dtype=torch.float32, *, offset: int | torch.Tensor = 0
+        self,
+        stream: Sequence,
+        shape: Sequence[int] = (),
+        dtype=torch.float32,
+        *,
+        offset: int | torch.Tensor = 0,
     ) -> torch.Tensor:
         """[B, *shape] uniforms in (0, 1): 24 random bits for float32/bf16/fp16, 53 for float64;
         elements `offset` onwards of the stream (row-major over `shape`). Per-row stream
@@ -160,7 +165,9 @@ class NoiseBlocks:
         if isinstance(step, torch.Tensor):
             per_step = max(1, math.prod(self.shape))
             index, offset = step // self.block, step % self.block
-            u = self.rng.uniform((self.purpose, index), (1, *self.shape), self.dtype, offset=offset * per_step)
+            u = self.rng.uniform(
+                (self.purpose, index), (1, *self.shape), self.dtype, offset=offset * per_step
+            )
             return (self.transform(u) if self.transform is not None else u)[:, 0]
         index, offset = divmod(step, self.block)
         if index != self._index:
