@@ -155,13 +155,16 @@ class StaticKVCache:
         self.slots_index = torch.arange(max_len, device=self.pos.device)
         self.max_len = max_len
 
-    def extend(self, other: StaticKVCache) -> None:
-        """Append the rows of `other` (same layers and slot count) after this cache's rows."""
-        if other.max_len != self.max_len:
-            raise ValueError(f"cannot join caches of {self.max_len} and {other.max_len} slots")
-        self.keys = [torch.cat([a, b]) for a, b in zip(self.keys, other.keys)]
-        self.values = [torch.cat([a, b]) for a, b in zip(self.values, other.values)]
-        self.filled, self.pos = torch.cat([self.filled, other.filled]), torch.cat([self.pos, other.pos])
+    def extend(self, *others: StaticKVCache) -> None:
+        """Append the rows of `others` (same layers and slot count) after this cache's rows."""
+        for other in others:
+            if other.max_len != self.max_len:
+                raise ValueError(f"cannot join caches of {self.max_len} and {other.max_len} slots")
+        caches = (self, *others)
+        self.keys = [torch.cat(ks) for ks in zip(*(c.keys for c in caches))]
+        self.values = [torch.cat(vs) for vs in zip(*(c.values for c in caches))]
+        self.filled = torch.cat([c.filled for c in caches])
+        self.pos = torch.cat([c.pos for c in caches])
         self.rows = torch.arange(len(self.pos), device=self.pos.device)
 
 
