@@ -168,7 +168,15 @@ def _sequences(req: CompletionRequest, engine: Engine, tokenizer, model_name: st
         return emit
 
     seqs = [
-        Sequence(p, max_tokens, sampling, seed + i, CompletionText(tokenizer, req.stops), emitter(i))
+        Sequence(
+            p,
+            max_tokens,
+            sampling,
+            seed + i,
+            CompletionText(tokenizer, req.stops),
+            emitter(i),
+            ignore_eos=bool(req.ignore_eos),
+        )  # fmt: skip
         for i, p in enumerate(prompts)
     ]
     return seqs, queue, sum(len(p) for p in prompts)

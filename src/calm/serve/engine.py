@@ -78,6 +78,7 @@ class Sequence:
     need: int = 0  # backbone slots (set by `Engine.submit`)
     step: int = 0  # decoding steps done: the row's random streams are keyed by it
     tokens: int = 0  # completion tokens so far
+    ignore_eos: bool = False  # go on past the end-of-text token (benchmarks: fixed lengths)
     cancelled: bool = False
     done: bool = False
 
@@ -385,8 +386,9 @@ class Engine:
         """Record a row's new tokens and send its text; False when the sequence has ended."""
         piece = piece[: seq.max_tokens - seq.tokens]
         finish = None
-        if self.eos is not None and self.eos in piece:
-            piece = piece[: piece.index(self.eos) + 1]
+        eos = None if seq.ignore_eos else self.eos
+        if eos is not None and eos in piece:
+            piece = piece[: piece.index(eos) + 1]
             finish = "stop"
         seq.tokens += len(piece)
         text = seq.text.push(piece)

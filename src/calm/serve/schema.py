@@ -1,7 +1,7 @@
 """The wire format of `calm serve`: OpenAI's completions request and responses, and its errors.
 
 `CompletionRequest` is the body of ``POST /v1/completions`` (OpenAI's fields, plus CALM's own
-``sampler`` and ``num_samples``). It is strict: an unknown field, a field of the wrong JSON type
+``sampler`` and ``num_samples``, and vLLM's ``ignore_eos``). It is strict: an unknown field, a field of the wrong JSON type
 (``"max_tokens": "16"``, ``"temperature": true``) or a value out of range is a 400 error whose
 OpenAI-style error object names the field (``param``). OpenAI fields this server does not
 implement (``n``, ``best_of``, ``logprobs``, ``echo``, ``suffix``, ``top_p``, penalties,
@@ -82,6 +82,7 @@ class CompletionRequest(BaseModel):
     # CALM's knobs (a baseline server checks and ignores them, so clients can address both)
     sampler: Literal["exact", "approx"] | None = None
     num_samples: int | None = None
+    ignore_eos: bool | None = None  # as vLLM's: go on past the end-of-text token
     # OpenAI fields accepted at their neutral values only
     n: int | None = None
     best_of: int | None = None
