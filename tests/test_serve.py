@@ -15,6 +15,7 @@ import threading
 import time
 
 import httpx
+import openai  # a test dependency (.[dev]): the official client
 import pytest
 import torch
 from serve_helpers import ServerProcess
@@ -27,8 +28,6 @@ from calm.models import build_model
 from calm.models.autoencoder import ChunkAutoencoder
 from calm.models.calm import CALM
 from calm.tokenizer import Tokenizer
-
-openai = pytest.importorskip("openai")  # a test dependency (.[dev]), not the library's
 
 WORDS = "the a cat dog sat on mat and ran far away home tree bird sang loud soft".split()
 ROWS, QUEUE = 4, 2
