@@ -10,7 +10,9 @@ streaming clients against CALM, then against the baseline (so the two never comp
 cores), each client sending requests one after another: ``--new-tokens`` (64) new tokens per
 request, ``ignore_eos`` so every request has that length, T = 1. Reported per model and
 client count: generated tokens/s (all clients, wall clock of the phase), p50 / p99 latency to
-the first token and to the last, and the server's mean batch rows. Then ``--memory-requests``
+the first token and to the last, the server's mean batch rows, and tokens per CPU second
+of the server process (user + system time from /proc: on a loaded machine the share of a
+core a server gets varies, its CPU time per token much less). Then ``--memory-requests``
 (1,000) short requests per server, with the server's RSS before and after.
 
 Bounded in count (``--requests``: total per phase, at least one per client) and in time
@@ -197,9 +199,11 @@ def _run(servers, ckpts, counts, args, gpu) -> dict:
     for n in counts:
         requests = args.requests or max(8, 2 * n)
         for kind, s in servers.items():
-            before = _stats(s.url)
+            before, cpu0 = _stats(s.url), s.cpu_seconds()
             r = asyncio.run(_phase(s.url, n, max(requests, n), body, args.phase_timeout))
-            r.update(kind=kind, mean_batch_rows=_mean_rows(before, _stats(s.url)))
+            cpu = s.cpu_seconds() - cpu0
+            r.update(kind=kind, mean_batch_rows=_mean_rows(before, _stats(s.url)), server_cpu_s=cpu)
+            r["tokens_per_cpu_s"] = r["tokens"] / cpu if cpu > 0 else float("nan")
             phases.append(r)
             print(f"[{kind}, {n} clients] {r['tokens_per_s']:.1f} tokens/s", file=sys.stderr, flush=True)
     memory = []
@@ -243,24 +247,30 @@ def _cpu_name() -> str:
 
 
 def _print(r: dict) -> None:
+    print(f"device {r['device']}, {r['cpu']}, {r['threads']} torch thread(s) per server")
     print(
-        f"device {r['device']}, {r['cpu']}, {r['threads']} torch thread(s) per server; models: {r['checkpoints']}"
+        f"models: {r['checkpoints']}; {r['new_tokens']} new tokens per request (ignore_eos), T = 1, streaming\n"
     )
-    print(f"{r['new_tokens']} new tokens per request (ignore_eos), T = 1, streaming\n")
     print(
-        "| model | clients | requests | tokens/s | first token p50 / p99 (s) | last token p50 / p99 (s) | mean batch rows |"
+        "| model | clients | requests | tokens/s | tokens per server CPU-s | first token p50 / p99 (s) "
+        "| last token p50 / p99 (s) | mean batch rows |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     by = {(p["kind"], p["clients"]): p for p in r["phases"]}
     for n in sorted({p["clients"] for p in r["phases"]}):
         for kind in ("calm", "ar"):
             p = by[(kind, n)]
             print(
-                f"| {kind} | {n} | {p['requests']} | {p['tokens_per_s']:.1f} | {p['ttft_p50_s']:.3f} / "
-                f"{p['ttft_p99_s']:.3f} | {p['last_p50_s']:.3f} / {p['last_p99_s']:.3f} | {p['mean_batch_rows']:.1f} |"
+                f"| {kind} | {n} | {p['requests']} | {p['tokens_per_s']:.1f} | {p['tokens_per_cpu_s']:.1f} "
+                f"| {p['ttft_p50_s']:.3f} / {p['ttft_p99_s']:.3f} | {p['last_p50_s']:.3f} / {p['last_p99_s']:.3f} "
+                f"| {p['mean_batch_rows']:.1f} |"
             )
-        ratio = by[("calm", n)]["tokens_per_s"] / by[("ar", n)]["tokens_per_s"]
-        print(f"|  | {n} | CALM / baseline tokens/s: **{ratio:.2f}x** | | | | |")
+        c, a = by[("calm", n)], by[("ar", n)]
+        ratio, cpu_ratio = (
+            c["tokens_per_s"] / a["tokens_per_s"],
+            c["tokens_per_cpu_s"] / a["tokens_per_cpu_s"],
+        )
+        print(f"| CALM / baseline | {n} | | **{ratio:.2f}x** | **{cpu_ratio:.2f}x** | | | |")
     for m in r["memory"]:
         print(
             f"\n{m['kind']}: RSS {m['rss_before_mib']:.1f} MiB before, {m['rss_after_mib']:.1f} MiB after "
