@@ -43,6 +43,7 @@ def ckpts(tmp_path_factory):
     torch.nn.init.normal_(model.head.final_layer.linears[-1].weight, std=0.5)
     return {
         "root": root,
+        "ae": save_checkpoint(root / "ae", ChunkAutoencoder(preset("ae-tiny")), tokenizer=tok),
         "calm": save_checkpoint(root / "calm", model, tokenizer=tok),
         "ar": save_checkpoint(root / "ar", build_model(preset("transformer-tiny")), tokenizer=tok),
     }
@@ -164,6 +165,8 @@ def _post(server, body, **kw):
 ERRORS = [
     (b'{"prompt": "the", "max_tokens": ', None, "malformed JSON"),
     (b"[1, 2]", None, "JSON object"),
+    (b"", None, "malformed JSON"),
+    (b'{"prompt": "\xff the"}', None, "malformed JSON"),  # not UTF-8
     ({"max_tokens": 4}, "prompt", "missing"),
     ({"prompt": "the", "max_token": 4}, "max_token", "unknown field"),
     ({"prompt": "the", "max_tokens": "4"}, "max_tokens", "integer"),
@@ -286,3 +289,14 @@ def test_sigterm_finishes_in_flight_requests_then_exits_0(servers, models):
     assert "".join(pieces + rest) == _reference(models["ar"], [kw["prompt"]], seed=8, max_tokens=250)[0][0]
     assert refused_while_draining
     assert server.proc.wait(300) == 0
+
+
+def test_the_command_refuses_what_it_cannot_serve(ckpts, capsys):
+    from calm.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", str(ckpts["ae"]), "--port", "0"])
+    assert exc.value.code == 2 and "autoencoder model; calm serve needs a CALM" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", str(ckpts["ar"]), "--max-rows", "0"])
+    assert exc.value.code == 2 and "--max-rows must be >= 1" in capsys.readouterr().err
