@@ -13,7 +13,9 @@ random weights so that its samples differ). Modes:
   calm_t1          CALM at T = 1: one head sample per step (on CPU at batch <= 8: head +
                    decoder + argmax in one compiled C call, `calm.fused_decode`)
   calm_t1_torch    the same through the PyTorch modules (``fused_kernel=False``)
-  calm_t1_compiled the same through `torch.compile`d steps (``compile=True``): the kernel's rival
+  calm_t1_compiled the same through `torch.compile`d steps (``compile=True``, no kernel): the
+                   kernel's rival
+  calm_t1_compiled_kernel  compiled backbone step + the fused kernel for head and decoder
   calm_t05_exact   T = 0.5, the exact sampler (the default; draws in doubling blocks until it
                    accepts, at most N = 200; rows at the bound get the approximation), draws told
                    apart position by position (`calm.decoding.DrawClasses`)
@@ -68,11 +70,12 @@ MODES = {
     "ar_compiled": dict(compile=True),
     "calm_t1": dict(temperature=1.0),
     "calm_t1_torch": dict(temperature=1.0, fused_kernel=False),
-    "calm_t1_compiled": dict(temperature=1.0, compile=True),
-    "calm_t05_exact": dict(temperature=0.5, sampler="exact", num_candidates=200),
-    "calm_t05_exact_full": dict(temperature=0.5, sampler="exact", num_candidates=200, lazy_draws=False),
-    "calm_t033_exact": dict(temperature=1 / 3, sampler="exact", num_candidates=200),
-    "calm_t05_approx": dict(temperature=0.5, sampler="approx", num_candidates=200),
+    "calm_t1_compiled": dict(temperature=1.0, compile=True, fused_kernel=False),
+    "calm_t1_compiled_kernel": dict(temperature=1.0, compile=True),
+    "calm_t05_exact": dict(temperature=0.5, sampler="exact", num_samples=200),
+    "calm_t05_exact_full": dict(temperature=0.5, sampler="exact", num_samples=200, lazy_draws=False),
+    "calm_t033_exact": dict(temperature=1 / 3, sampler="exact", num_samples=200),
+    "calm_t05_approx": dict(temperature=0.5, sampler="approx", num_samples=200),
 }
 
 
@@ -140,6 +143,7 @@ def measure(name: str, batch: int, args) -> dict:
         prompts = windows[torch.arange(batch) % len(windows), : args.prompt_tokens].tolist()
     else:
         calm, ar = build_models(name)
+        calm, ar = (m.to(args.device, getattr(torch, args.dtype)) for m in (calm, ar))
         gen = torch.Generator().manual_seed(batch)
         prompts = torch.randint(3, calm.config.vocab_size, (batch, args.prompt_tokens), generator=gen).tolist()
     models = {m: (ar if m.startswith("ar") else calm) for m in args.modes}
@@ -189,7 +193,7 @@ def markdown(results: list[dict], meta: dict) -> str:
         "",
         f"`{meta['command']}`",
         "",
-        f"{meta['device']}, {meta['threads']} thread(s), torch {meta['torch']}, float32 weights, "
+        f"{meta['device']}, {meta['threads']} thread(s), torch {meta['torch']}, {meta['dtype']} weights, "
         f"{meta['weights']}, {meta['prompt_tokens']}-token prompts, {meta['new_tokens']} new tokens per row, no "
         f"end-of-text stop, median of {meta['reps']} interleaved runs; 1-min load average "
         f"{meta['load_average_start']:.1f} -> {meta['load_average_end']:.1f} on {meta['cpus']} CPUs. Ratio = CALM ÷ AR new tokens per second; "
@@ -243,6 +247,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--out", default="bench_out", help="output folder for JSON and markdown")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (CUDA: compiled modes use CUDA graphs)")
+    parser.add_argument(
+        "--dtype", default="float32", choices=("float32", "bfloat16"), help="dtype of both models' weights"
+    )
     parser.add_argument("--calm", default=None, help="trained CALM checkpoint (with --ar and --data)")
     parser.add_argument("--ar", default=None, help="trained token-baseline checkpoint on the same backbone")
     parser.add_argument("--data", default=None, help="prepared data of the trained models (validation prompts)")
@@ -264,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
         for field in ("d_model", "num_layers", "num_heads", "ffn_dim", "vocab_size"):
             if getattr(calm.config, field) != getattr(ar.config, field):
                 parser.error(f"the two models differ in {field}; compare models on the same backbone")
-        args.trained = (calm, ar)
+        dtype = getattr(torch, args.dtype)
+        args.trained = (calm.to(args.device, dtype), ar.to(args.device, dtype))
         args.prompt_windows = PreparedData(args.data).val_windows(args.prompt_tokens + 1, 64)
         args.settings = "trained"
     names = [s.strip() for s in args.settings.split(",") if s.strip()]
@@ -276,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     command = shlex.join([sys.executable, "benchmarks/bench_decode.py", *sys.argv[1:]])
     meta = {
         "command": command,
-        "device": platform.processor() or platform.machine(),
+        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else (platform.processor() or platform.machine()),
+        "dtype": args.dtype,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "prompt_tokens": args.prompt_tokens,

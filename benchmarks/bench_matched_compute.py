@@ -193,6 +193,7 @@ def main(argv=None) -> int:
                 "flops": done * tokens_per_step * fpt,
                 "train_seconds": t_train,
                 **{k: score[k] for k in ("brier_lm", "brier_1", "brier_2", "brier_3", "brier_4")},
+                **{f"brier_{n}_se": score.get(f"brier_{n}_se") for n in range(1, 5)},
                 "brier_lm_ci": score.get("brier_lm_ci"),
                 "ce": score.get("ce"),
                 **(energy_metrics(model, energy_windows, args.seed) if name == "calm" else {}),
@@ -204,7 +205,17 @@ def main(argv=None) -> int:
         (out / "results.json").write_text(json.dumps(results, indent=2))
 
     curves = {
-        (f"CALM (K={K})" if n == "calm" else "Transformer"): [(r["flops"], r["brier_lm"]) for r in m["rows"]]
+        (f"CALM (K={K})" if n == "calm" else "Transformer"): [
+            {
+                **{k: r[k] for k in ("flops", "brier_lm", "brier_1", "brier_2", "brier_3", "brier_4")},
+                **(
+                    {"brier_lm_ci_low": r["brier_lm_ci"][0], "brier_lm_ci_high": r["brier_lm_ci"][1]}
+                    if r.get("brier_lm_ci")
+                    else {}
+                ),
+            }
+            for r in m["rows"]
+        ]
         for n, m in results["models"].items()
     }
     plot_brier_vs_flops(curves, out / "brier_vs_flops.png", args.block_size)

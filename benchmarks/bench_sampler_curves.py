@@ -74,7 +74,7 @@ def calm_point(model, h, y, *, sampler: str, temperature: float, seed: int) -> d
                 pair.append(ChunkDecoder.for_model(model).sample(h, noise)[:, 0])
                 stats.draws += len(h)
                 continue
-            s = ChunkSampler(model, rng, temperature=temperature, sampler=sampler, num_candidates=200, stats=stats)
+            s = ChunkSampler(model, rng, temperature=temperature, sampler=sampler, num_samples=200, stats=stats)
             pair.append(s(h, 0))
     x1, x2 = pair
     R = len(h)

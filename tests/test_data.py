@@ -93,8 +93,8 @@ def test_workers_processes_give_identical_output(tmp_path):
     run([src], tmp_path / "a", tokenizer=tok, workers=0, batch_chars=100)
     run([src], tmp_path / "b", tokenizer=tok, workers=2, batch_chars=100)
     for split in ("train", "val"):
-        assert (tmp_path / "a" / f"{split}.bin").read_bytes() == (
-            tmp_path / "b" / f"{split}.bin"
+        assert (tmp_path / "a" / f"{split}-00000.bin").read_bytes() == (
+            tmp_path / "b" / f"{split}-00000.bin"
         ).read_bytes()
 
 
@@ -342,7 +342,7 @@ def test_token_shards_errors(tmp_path):
     run([src], tmp_path / "out")
     with pytest.raises(DataError, match="no split 'test'"):
         TokenShards(tmp_path / "out", "test")
-    with open(tmp_path / "out" / "train.bin", "ab") as f:
+    with open(tmp_path / "out" / "train-00000.bin", "ab") as f:
         f.write(b"\0\0")
     with pytest.raises(DataError, match="damaged"):
         TokenShards(tmp_path / "out", "train")

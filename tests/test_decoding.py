@@ -127,10 +127,44 @@ def test_lazy_draw_classes_give_the_chunks_of_full_decoding(temperature, sampler
     for lazy in (True, False):
         stats = type("S", (), {"draws": 0, "decoded_positions": 0, "exact_hit_limit": 0, "fused_draws": 0})()
         s = ChunkSampler(
-            model, RowRandom(range(5)), temperature=temperature, sampler=sampler, num_candidates=48, stats=stats
+            model, RowRandom(range(5)), temperature=temperature, sampler=sampler, num_samples=48, stats=stats
         )
         s.lazy = lazy
         outs.append(torch.stack([s(h, step) for step in range(3)]))
         positions.append(stats.decoded_positions)
     assert torch.equal(outs[0], outs[1])
     assert positions[0] < positions[1]  # the point of it
+
+
+@pytest.mark.parametrize("temperature", [0.5, 0.7])
+def test_calm_exact_sampler_follows_the_tempered_distribution(temperature):
+    """End to end through ChunkSampler (lazy draw classes): chunks drawn at temperature T follow
+    P^(1/T)/Z, with P the model's own distribution at T = 1 (estimated from many more draws)."""
+    from scipy.stats import chi2
+
+    from calm.calm_sampler import ChunkSampler
+    from calm.rng import RowRandom
+
+    model = _calm(vocab=6, K=2, spread=0.4, seed=5)  # 36 possible chunks, a few likely ones
+    h = torch.randn(1, 32).expand(4000, 32).contiguous()  # one context, 4000 independent rows
+
+    def draw(T, seeds):
+        s = ChunkSampler(model, RowRandom(seeds), temperature=T, num_samples=400)
+        return s(h, 0)
+
+    def counts(chunks):
+        return torch.bincount(chunks[:, 0] * 6 + chunks[:, 1], minlength=36).double()
+
+    p = sum(counts(draw(1.0, range(k * 4000, (k + 1) * 4000))) for k in range(25))  # 100k draws of P
+    p = p / p.sum()
+    target = p ** (1 / temperature)
+    target = target / target.sum()
+    observed = counts(draw(temperature, range(10**6, 10**6 + 4000)))
+    keep = target * 4000 >= 5  # chi-square cells with enough expected counts; the rest pooled
+    exp = torch.cat([target[keep] * 4000, (target[~keep] * 4000).sum().view(1)])
+    obs = torch.cat([observed[keep], observed[~keep].sum().view(1)])
+    stat = float(((obs - exp) ** 2 / exp.clamp_min(1e-9)).sum())
+    dof = int(keep.sum())  # cells - 1, plus one pooled cell
+    assert stat < chi2.ppf(0.999, dof), (stat, dof)
+    # and it is not P itself: tempering concentrates mass on the likeliest chunk
+    assert observed.max() / 4000 > p.max() + 0.05

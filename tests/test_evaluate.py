@@ -369,3 +369,17 @@ def test_cli_verifies_weights_unless_no_verify(capsys, checkpoints, data_files, 
     assert code == 2 and "does not have the content that was saved" in err
     code, out, err = _cli(capsys, damaged, *args, "--no-verify")
     assert code == 0, err
+
+
+def test_cli_block_size_defaults_to_the_models_context(capsys, checkpoints, data_files):
+    """A model with a context shorter than 256 tokens is scored at its context, and says so."""
+    for name in ("calm", "ar"):
+        from calm.checkpoint import load_model
+        from calm.evaluate import DEFAULT_BLOCK_SIZE, model_context_tokens
+
+        context = model_context_tokens(load_model(checkpoints[name]))
+        assert context < DEFAULT_BLOCK_SIZE  # the case the default must handle
+        code, out, err = _cli(capsys, checkpoints[name], "--data", data_files["text"], "--json", "--max-tokens", "256")
+        assert code == 0, err
+        assert json.loads(out)["block_size"] == context
+        assert f"block size {context} tokens" in err

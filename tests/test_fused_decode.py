@@ -199,3 +199,23 @@ def test_a_damaged_cached_kernel_is_built_again(fresh_kernel):
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert res.stdout.strip() == "ok", res.stdout + res.stderr
     assert built.read_bytes()[:4] == b"\x7fELF"
+
+
+def test_an_autoencoder_narrower_than_the_backbone_takes_the_pytorch_path():
+    # The authors' releases pair a d = 512 autoencoder with d = 1024 (CALM-M) backbones; the kernel
+    # has one width for the head and the decoder, so it must refuse (it read past the decoder's
+    # weights before: wrong chunks, or a segfault in tests/test_official.py).
+    torch.manual_seed(0)
+    ae = ChunkAutoencoder(
+        AutoencoderConfig(vocab_size=64, d_model=24, ffn_dim=40, latent_dim=8, num_layers=2)
+    )
+    cfg = CALMConfig(
+        d_model=32, num_layers=1, num_heads=2, ffn_dim=48, max_seq_len=32, vocab_size=64,
+        latent_dim=8, noise_dim=8, head_layers=2,
+    )  # fmt: skip
+    model = CALM.from_autoencoder(cfg, ae).eval()
+    with pytest.raises(fused_decode.KernelUnavailable, match="width"):
+        fused_decode.kernel_for(model.head, model.autoencoder)
+    out, stats = generate(model, [[1, 2, 3]], max_new_tokens=8, seed=0, return_stats=True)
+    assert stats.fused_draws == 0
+    assert out == generate(model, [[1, 2, 3]], max_new_tokens=8, seed=0, fused_kernel=False)

@@ -117,7 +117,7 @@ def test_prompt_file_and_multiple_prompts(checkpoints, tmp_path, capsys):
         (["--prompt-file", "/nonexistent/prompts.txt"], "prompt file not found"),
         (["--prompt-file", "/"], "--prompt-file / is a directory"),
         (["-p", "the cat", "-t", "0.5", "--max-draws", "0"], "max_draws must be an integer >= 1"),
-        (["-p", "the cat", "-t", "0.5", "--num-samples", "0"], "num_candidates must be an integer >= 1"),
+        (["-p", "the cat", "-t", "0.5", "--num-samples", "0"], "num_samples must be an integer >= 1"),
     ],
 )
 def test_errors_are_clear(checkpoints, capsys, extra, message):

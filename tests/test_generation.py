@@ -293,7 +293,7 @@ def test_bad_inputs(calm_model, ar_model):
             generate(calm_model, PROMPTS, max_new_tokens=n)
     with pytest.raises(GenerationError, match="outside the vocabulary"):
         generate(ar_model, [[1, 100000]], **ok)
-    with pytest.raises(GenerationError, match="num_candidates"):
+    with pytest.raises(GenerationError, match="num_samples"):
         generate(calm_model, PROMPTS, temperature=0.5, num_candidates=0, **ok)
     with pytest.raises(GenerationError, match="text"):
         generate(ar_model, "hello", **ok)

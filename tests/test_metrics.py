@@ -64,7 +64,9 @@ def test_brier_lm_values():
     assert brier_lm([0.5, 0.5, 0.5, 0.5]) == pytest.approx(50.0)
     assert brier_lm([0.8, 0.4, 0.2, 0.1]) == pytest.approx(100 * (0.8 * 0.4 * 0.2 * 0.1) ** 0.25)
     assert isinstance(brier_lm((0.1, 0.2, 0.3, 0.4)), float)
-    t = brier_lm(torch.tensor([[0.5, 0.5, 0.5, 0.5], [1.0, 1.0, 1.0, 1.0]]))
+    with pytest.raises(ValueError, match="average per-position estimates first"):
+        brier_lm(torch.tensor([[0.5, 0.5, 0.5, 0.5], [1.0, 1.0, 1.0, 1.0]]))
+    t = brier_lm(torch.tensor([[0.5, 0.5, 0.5, 0.5], [1.0, 1.0, 1.0, 1.0]]), per_row=True)
     assert isinstance(t, torch.Tensor) and t.shape == (2,)
     assert t.tolist() == pytest.approx([50.0, 100.0])
 

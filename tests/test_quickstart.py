@@ -64,3 +64,44 @@ def test_quickstart_refuses_to_overwrite(tmp_path):
     assert proc.returncode == 2
     assert "already exists" in proc.stderr
     assert (tmp_path / "keep.txt").read_text() == "precious"
+
+
+def _summary(calm_b=(0.05, 0.01, 0.001, -0.0004), ar_b=(0.15, 0.05, 0.01, 0.003)):
+    def score(b, lm):
+        return {"brier_lm": lm, **{f"brier_{n + 1}": v for n, v in enumerate(b)}}
+
+    return {
+        "scores": {"calm": score(calm_b, 0.0), "ar": score(ar_b, 1.81)},
+        "configs": {"calm": {"chunk_size": 2}, "ar": {}},
+        "flops": {
+            "calm": {"train_flops_per_token": 4e6, "inference_flops_per_token": 1e6},
+            "ar": {"train_flops_per_token": 9e6, "inference_flops_per_token": 3e6},
+        },
+        "train_steps": {"calm": 1200, "ar": 400},
+        "tokens_per_step": 2048,
+        "autoencoder": {"train": {"loss": 3.2, "val_loss": 0.49}},
+        "sample_stats": {"calm": {"T=0.5": {"row_steps": 48, "hit_limit": 46, "draws_per_row_step": 195, "max_draws": 200}}},
+    }
+
+
+def test_report_conclusions_come_from_the_numbers(tmp_path):
+    from calm.quickstart_report import conclusions
+
+    runs = {}
+    for name, vals in (("calm", [12.6, 12.41, 12.5, 12.68]), ("ar", [6.0, 5.5, 5.2, 5.1])):
+        d = tmp_path / name
+        d.mkdir()
+        lines = [json.dumps({"split": "val", "step": 100 * (i + 1), "val_loss": v}) for i, v in enumerate(vals)]
+        (d / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+        runs[name] = d
+    text = "\n".join(conclusions(_summary(), runs))
+    assert "CALM 0.00, Transformer 1.81" in text and "the Transformer is better" in text
+    # 1200 x 2048 x 4e6 vs 400 x 2048 x 9e6 training FLOPs
+    assert "1.3× the Transformer's training FLOPs" in text
+    assert "Brier-4 is at or below 0" in text and "compare Brier-1" in text
+    assert "33% of it" in text  # 0.05 / 0.15
+    assert "lowest at step 200 (12.41) and rose to 12.68 by step 400" in text  # CALM overfits
+    assert text.count("overfits") == 1  # the Transformer's loss kept falling
+    assert "masks 15% of the input tokens" in text  # val below train loss, explained
+    assert "46 of 48 row-steps" in text
+    assert "-0.000" not in text

@@ -75,7 +75,7 @@ def test_chunk_sampler_with_per_row_steps_equals_each_row_alone(temperature, sam
 
     model = _calm()
     h = torch.randn(len(SEEDS), 32)
-    kw = dict(temperature=temperature, sampler=sampler, num_candidates=24)
+    kw = dict(temperature=temperature, sampler=sampler, num_samples=24)
 
     def sampler_for(seeds):
         s = ChunkSampler(model, RowRandom(seeds), **kw)

@@ -86,7 +86,7 @@ def _reference(model, prompts, *, seed, max_tokens, temperature=1.0, sampler="ex
         max_new_tokens=max_tokens,
         temperature=temperature,
         sampler=sampler,
-        num_candidates=num_samples,
+        num_samples=num_samples,
     )
     out = generate(model, ids, **kw)
     return [model.tokenizer.decode(r) for r in out], [len(r) for r in out]

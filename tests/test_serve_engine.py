@@ -60,7 +60,7 @@ def _alone(model, seq, **kw):
     s = seq.sampling
     return generate(
         model, [seq.prompt], seed=seq.seed, max_new_tokens=seq.max_tokens, temperature=s.temperature,
-        sampler=s.sampler, num_candidates=s.num_samples, **kw,
+        sampler=s.sampler, num_samples=s.num_samples, **kw,
     )[0]  # fmt: skip
 
 
@@ -154,3 +154,20 @@ def test_cache_slots_follow_the_longest_running_row(models):
         engine.step()
     assert short.done and engine.slots == 0
     assert long.text.tokens == _alone(model, long) and short.text.tokens == _alone(model, short)
+
+
+@pytest.mark.parametrize("head", ["flow", "diffusion"])
+def test_every_head_is_served_as_generate_samples_it(head):
+    """The engine samples through the decode stack's ChunkSampler, so the flow and diffusion
+    heads (many network evaluations per sample, all their noise drawn up front) give the
+    tokens of ``generate([prompt], seed=s)`` too, joining at different steps."""
+    from test_heads import tiny_calm
+
+    model = tiny_calm(head)
+    engine = Engine(model, max_rows=4)
+    samplings = [Sampling(1.0), Sampling(0.5, "exact", 16), Sampling(0.5, "approx", 8)]
+    seqs = [_seq(p, n, 60 + i, samplings[i % 3]) for i, (p, n) in enumerate(zip(PROMPTS, [10, 6, 9, 5]))]
+    _run(engine, {0: seqs[:2], 1: seqs[2:3], 2: seqs[3:]})
+    for s in seqs:
+        assert s.text.tokens == _alone(model, s), (head, s.prompt, s.sampling)
+    assert len(set(map(tuple, (s.text.tokens for s in seqs)))) == len(seqs)  # not a constant model

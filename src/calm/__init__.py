@@ -8,7 +8,8 @@ __version__ = "0.1.0"
 
 
 def load(path, device=None, dtype=None, *, verify: bool = True):
-    """Load the model in checkpoint directory `path` (ours, or the authors' released layout).
+    """Load the model in checkpoint directory `path` (ours, or the authors' released layout), or of
+    a Hugging Face repo id such as ``"cccczshao/CALM-M"`` taken from the local Hub cache (`calm.hub`).
 
     ``verify=False`` skips the SHA-256 check of the weights and the refusal of non-finite ones.
     """

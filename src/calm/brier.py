@@ -306,6 +306,21 @@ def _bytes_per_query(model, base, B: int, S: int, width: int, shared: bool) -> i
 # CALM
 
 
+def _chunk_sampler(model):
+    """``sample(hidden, n, generator=) -> chunks``: our CALM's head samples decoded by its
+    `calm.decoding.ChunkDecoder` (the same tokens as ``model.sample_chunks``, the exact argmax
+    found the fast way); any other model's own ``sample_chunks``."""
+    from calm.models.calm import CALM
+
+    if not isinstance(model, CALM) or getattr(model.sample_chunks, "__func__", None) is not CALM.sample_chunks:
+        return model.sample_chunks  # not our CALM, or its sampler is replaced (subclass, instance)
+    from calm.decoding import ChunkDecoder
+
+    decode = ChunkDecoder.for_model(model).decode
+    return lambda h, n, generator=None: decode(model.sample_latents(h, n, generator=generator))
+
+
+
 @torch.no_grad()
 def calm_window_scores(
     model,
@@ -332,7 +347,8 @@ def calm_window_scores(
     steps = math.ceil(NGRAM / K)  # chunks needed per sample
     cache = model.new_cache(B, P + steps - 1) if steps > 1 else None
     h = model.hidden(windows[:, : P * K], cache=cache)  # [B, P, d]; h[:, i] predicts chunk i + 1
-    first = model.sample_chunks(h, 2, generator=generator)  # [B, P, 2, K]
+    sample_chunks = _chunk_sampler(model)
+    first = sample_chunks(h, 2, generator=generator)  # [B, P, 2, K]
     if steps == 1:
         samples = first[..., :NGRAM]
     else:
@@ -348,7 +364,7 @@ def calm_window_scores(
             out = [cur]
             for _ in range(steps - 1):
                 hr = _calm_step(model, roll, cur, pos)  # [B, q, d]
-                cur = model.sample_chunks(hr, 1, generator=generator)[:, :, 0]  # [B, q, K]
+                cur = sample_chunks(hr, 1, generator=generator)[:, :, 0]  # [B, q, K]
                 out.append(cur)
                 pos = pos + 1
             parts.append(torch.cat(out, -1)[..., :NGRAM])

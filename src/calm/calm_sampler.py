@@ -7,8 +7,9 @@ the temperature rule (DESIGN §2.4, `calm.sampling`) and the decoder (`calm.deco
 * T = 1: one head sample per row, decoded.
 * ``sampler="exact"`` at T < 1: `calm.sampling.sample_exact`, drawing in doubling blocks only
   until a row accepts (at most ``max_draws`` per row and step; a row that reaches the bound gets
-  the batch approximation over its draws).
-* ``sampler="approx"``: ``num_candidates`` head samples, `calm.sampling.sample_approx`.
+  the batch approximation over its draws). The first block of a step is as large as the
+  previous step needed, so a flat model draws its bound in one call.
+* ``sampler="approx"``: ``num_samples`` head samples, `calm.sampling.sample_approx`.
 
 There is no cheap "noise temperature": scaling the energy head's input noise changes nothing,
 because the head LayerNorms the noise projection (``norm_noise``), which cancels any scale
@@ -64,7 +65,7 @@ class ChunkSampler:
         *,
         temperature: float,
         sampler: str = "exact",
-        num_candidates: int = 200,
+        num_samples: int = 200,
         max_draws: int | None = None,
         draws_per_call: int = 8,
         stats=None,
@@ -82,16 +83,19 @@ class ChunkSampler:
             self.mode = "single"
         else:
             self.mode = sampler
-        self.N = num_candidates
-        self.max_draws = num_candidates if max_draws is None else max_draws
+        self.N = num_samples
+        self.max_draws = num_samples if max_draws is None else max_draws
         self.draws_per_call = draws_per_call
+        self.first_block = draws_per_call  # the exact sampler's first block; adapts step to step
         self.stats, self.timer, self.fused_kernel = stats, timer, fused_kernel
         self.compiled_sample = None
-        if compile:  # T = 1: head + decoder + plain float32 argmax as one compiled graph
+        # T = 1: head + decoder + plain float32 argmax as one compiled graph (steps with more
+        # rows than the fused kernel takes, or where it is not available)
+        if compile:
             from calm.generation import _compiled
 
             self.compiled_sample = _compiled(_head_decode, model.autoencoder.lm_head.weight.device)
-        per_step = num_candidates if self.mode == "approx" else 1
+        per_step = num_samples if self.mode == "approx" else 1
         self.head_noise = NoiseBlocks(
             rng, _HEAD_NOISE, (per_step, self.noise_dim), self.noise_dtype, transform=head.noise_from_uniform
         )
@@ -188,14 +192,20 @@ class ChunkSampler:
             draw,
             self.T,
             max_draws=self.max_draws,
-            draws_per_call=min(self.draws_per_call, self.max_draws),
-            max_draws_per_call=max(self.draws_per_call, EXACT_MAX_BLOCK),
+            draws_per_call=min(self.first_block, self.max_draws),
+            max_draws_per_call=max(self.first_block, EXACT_MAX_BLOCK),
             uniform=uniform,
             active_rows=True,
             return_stats=True,
         )
         if self.stats is not None:
             self.stats.exact_hit_limit += st.num_hit_limit
+        # Next step's first block: what this step needed (a power of two, at least draws_per_call).
+        # When P is flat every row reads its max_draws and one call beats six doubling ones; when
+        # it is peaked the block shrinks again. Results do not depend on the split into calls (a
+        # row's draws are indexed by position), so this only changes the cost.
+        needed = int(st.draws.max()) if st.draws.numel() else self.draws_per_call
+        self.first_block = max(self.draws_per_call, 1 << max(0, needed - 1).bit_length())
         if classes is not None:
             out = classes.chunks(out[:, 0])
             self._count(0, classes.positions_decoded)

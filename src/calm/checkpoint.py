@@ -487,8 +487,15 @@ def load_model(
     copy of it nor has it beside it. Our own CALM checkpoints always carry their autoencoder.
     ``verify``: check the weights' SHA-256 against the COMPLETE marker and refuse non-finite
     weights (False skips both; sizes are always checked).
+    ``path`` and ``ae_path`` may also be Hugging Face repo ids in the local cache (`calm.hub`).
     """
+    from calm.hub import is_hub_name, resolve_model_path
+
     path = Path(path)
+    if is_hub_name(path) and not _siblings(path, "old"):  # not here (nor its .old copy): a Hub repo id
+        path = resolve_model_path(path)
+    if ae_path is not None and is_hub_name(ae_path):
+        ae_path = resolve_model_path(ae_path)
     if path.is_dir() and not (path / COMPLETE_FILE).exists() and _looks_official(path):
         try:
             from calm.official import load_official

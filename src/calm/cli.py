@@ -16,7 +16,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "prepare": (
         "calm.data",
         "prepare",
-        "text/JSONL files -> tokenizer (train BPE or load tokenizer.json) -> token shards",
+        "text/JSONL (plain, .gz, .zst), Parquet, Arrow, datasets dirs -> tokenizer (train BPE or load "
+        "tokenizer.json) -> token shards",
     ),
     "train-ae": ("calm.train", "train_ae", "train the chunk autoencoder (stage 1)"),
     "train": (
@@ -55,8 +56,8 @@ def add_official_ae_argument(parser) -> None:
         "--ae",
         metavar="DIR",
         default=None,
-        help="autoencoder directory for an official CALM release that holds no copy of it "
-        "(our CALM checkpoints carry theirs)",
+        help="autoencoder directory (or Hub repo id in the local cache) for an official CALM release "
+        "that holds no copy of it (our CALM checkpoints carry theirs)",
     )
 
 

@@ -322,8 +322,14 @@ PRESETS: dict[str, Any] = {
     "calm-m": _paper_calm(1024, 2752, 16, 16),
     "calm-l": _paper_calm(1536, 4096, 16, 16),
     "calm-xl": _paper_calm(2560, 6880, 16, 20),
-    "calm-cpu": CALMConfig(d_model=256, num_layers=4, num_heads=4, ffn_dim=688, max_seq_len=256),
+    # Small presets start the energy head's last layer from Xavier, not zero (the recipe study in
+    # docs/small_scale_study.md: with a zero layer nothing before it gets a gradient for the
+    # first few hundred steps, which at this scale is most of the run). Paper presets: zero.
+    "calm-cpu": CALMConfig(
+        d_model=256, num_layers=4, num_heads=4, ffn_dim=688, max_seq_len=256, head_init="xavier"
+    ),
     "calm-tiny": CALMConfig(
+        head_init="xavier",
         d_model=64,
         num_layers=2,
         num_heads=2,

@@ -45,6 +45,7 @@ from calm.cli import (
     add_official_ae_argument,
     apply_head_sampling,
 )
+from calm.data import check_token_ids, make_windows
 from calm.metrics import BrierAccumulator
 
 DEFAULT_BLOCK_SIZE = 256
@@ -63,33 +64,9 @@ def model_context_tokens(model) -> int:
     return int(c.max_seq_len)
 
 
-def make_windows(tokens, block_size: int, max_tokens: int | None = None) -> torch.Tensor:
-    """Consecutive non-overlapping windows [N, block_size] of a flat token stream (a tensor or
-    array, e.g. a memory map: only the part used is read); a ragged tail is dropped and
-    ``max_tokens`` caps the tokens covered."""
-    if block_size < 1:
-        raise ValueError(f"block size must be >= 1, got {block_size}")
-    available = len(tokens)
-    total = available if max_tokens is None else min(available, int(max_tokens))
-    n = total // block_size
-    if n == 0:
-        what = (
-            f"--max-tokens {max_tokens}"
-            if max_tokens is not None and max_tokens < available
-            else f"{available:,} tokens"
-        )
-        raise ValueError(
-            f"no complete window of {block_size} tokens to evaluate ({what}); "
-            "give more data or a smaller --block-size"
-        )
-    part = tokens[: n * block_size]
-    part = part.long() if torch.is_tensor(part) else torch.from_numpy(np.asarray(part).astype(np.int64))
-    return part.view(n, block_size)
-
-
 def _as_windows(data, block_size: int | None, max_tokens: int | None) -> torch.Tensor:
-    if hasattr(data, "tokens") and hasattr(data, "split"):  # calm.data.TokenShards
-        data = data.tokens
+    if hasattr(data, "tokens") and hasattr(data, "split"):  # calm.data.TokenShards: read only what is used
+        return make_windows(data.tokens, block_size or DEFAULT_BLOCK_SIZE, max_tokens)
     if not torch.is_tensor(data) and not isinstance(data, np.ndarray):
         data = np.asarray(data)
     if data.ndim == 2:
@@ -325,12 +302,7 @@ def evaluate_model(
     windows = _as_windows(data, block_size, max_tokens)
     T = windows.shape[1]
     check_block_size(model, T)
-    vocab = int(model.config.vocab_size)
-    if int(windows.max()) >= vocab or int(windows.min()) < 0:
-        raise ValueError(
-            f"token ids up to {int(windows.max())} but the model's vocabulary has {vocab} entries; "
-            "the data was tokenized with another tokenizer"
-        )
+    check_token_ids(windows, int(model.config.vocab_size), "evaluation data (the model's vocabulary)")
     t0 = time.perf_counter()
     acc, stats = _score(
         model,
@@ -456,7 +428,7 @@ def load_eval_tokens(
 
     Returns (LongTensor [N], description). Stops reading once ``max_tokens`` are collected.
     """
-    from calm.data import DataError, TokenShards, read_documents, resolve_inputs
+    from calm.data import DataError, TokenShards, encode_documents, read_documents, resolve_inputs
 
     paths = [Path(p) for p in paths]
     if not paths:
@@ -470,7 +442,7 @@ def load_eval_tokens(
             raise DataError("give either one prepared data directory or text/JSONL files, not both / several")
         shards = TokenShards(prepared[0], split)
         n = len(shards) if max_tokens is None else min(len(shards), int(max_tokens))
-        tokens = torch.from_numpy(np.asarray(shards.tokens[:n]).astype(np.int64))
+        tokens = torch.from_numpy(shards.read(0, n).astype(np.int64))
         desc = {
             "source": str(prepared[0]),
             "format": "prepared",
@@ -495,36 +467,18 @@ def load_eval_tokens(
                 "this checkpoint has no tokenizer, so text files cannot be tokenized; "
                 "give a prepared data directory (calm prepare) instead"
             )
-        files = resolve_inputs(paths)
-        ids: list[np.ndarray] = []
-        count, docs = 0, 0
-        batch: list[str] = []
+        files = resolve_inputs(paths, "val")
+        docs_read = [0]
 
-        def flush():
-            nonlocal count
-            for doc_ids in tokenizer.encode_batch(batch):
-                arr = np.asarray([*doc_ids, tokenizer.eot_id], dtype=np.int64)
-                ids.append(arr)
-                count += len(arr)
-            batch.clear()
+        def documents():
+            for f in files:
+                for doc in read_documents(f, text_field=text_field, doc_split=doc_split):
+                    docs_read[0] += 1
+                    yield doc
 
-        done = False
-        for f in files:
-            for doc in read_documents(f, text_field=text_field, doc_split=doc_split):
-                batch.append(doc)
-                docs += 1
-                if sum(map(len, batch)) >= 1 << 18:
-                    flush()
-                    if max_tokens is not None and count >= max_tokens:
-                        done = True
-                        break
-            if done:
-                break
-        if batch:
-            flush()
-        tokens = torch.from_numpy(np.concatenate(ids)) if ids else torch.zeros(0, dtype=torch.long)
-        if max_tokens is not None:
-            tokens = tokens[: int(max_tokens)]
+        ids, _ = encode_documents(tokenizer, documents(), max_tokens=max_tokens)
+        tokens = torch.from_numpy(ids)
+        docs = docs_read[0]
         desc = {
             "source": ", ".join(map(str, paths)),
             "format": "text",
@@ -546,7 +500,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "model",
         metavar="MODEL_DIR",
-        help="checkpoint directory (CALM, token baseline or autoencoder; ours or the authors' layout)",
+        help="checkpoint directory (CALM, token baseline or autoencoder; ours or the authors' layout), "
+        "or a Hugging Face repo id in the local cache (e.g. cccczshao/CALM-M)",
     )
     parser.add_argument(
         "--data",
@@ -569,10 +524,11 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--block-size",
         type=int,
-        default=DEFAULT_BLOCK_SIZE,
+        default=None,
         metavar="N",
         help="evaluation window in tokens, the same for CALM and the baseline: each window is "
-        "scored on its own, so it bounds the context",
+        f"scored on its own, so it bounds the context (default: {DEFAULT_BLOCK_SIZE}, or the model's "
+        "context if that is shorter; compare models at the same value)",
     )
     add_official_ae_argument(parser)
     add_no_verify_argument(parser)
@@ -682,7 +638,9 @@ def run_eval(args: argparse.Namespace) -> int:
     """`calm eval`: returns the exit status (bad input raises ValueError with a readable message)."""
     from calm.checkpoint import load_model
 
-    path = Path(args.model)  # its existence is load_model's to judge (it follows a save's .old-* copy)
+    # A directory or a Hub repo id in the local cache: load_model judges (and resolves) it; it
+    # also follows a save's .old-* copy.
+    path = Path(args.model)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     for p in args.data:
@@ -701,6 +659,9 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.max_tokens is not None and args.max_tokens < 1:
         raise ValueError(f"--max-tokens must be >= 1, got {args.max_tokens}")
     if kind in ("calm", "ar"):
+        if args.block_size is None:  # the default follows the model's context
+            args.block_size = min(DEFAULT_BLOCK_SIZE, model_context_tokens(model))
+            print(f"block size {args.block_size} tokens (--block-size to change it)", file=sys.stderr)
         check_block_size(model, args.block_size)  # before reading any data
     tokenizer = getattr(model, "tokenizer", None)
     with warnings.catch_warnings(record=True) as caught:

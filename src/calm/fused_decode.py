@@ -195,6 +195,11 @@ class FusedHeadDecoder:
             raise KernelUnavailable("the kernel assumes one LayerNorm eps and one RMSNorm eps")
         c = ae.config
         d = head.d_model
+        if c.d_model != d or c.latent_dim != head.latent_dim:  # one width for head and decoder in C
+            raise KernelUnavailable(
+                f"the kernel needs the autoencoder's width ({c.d_model}) and latent size ({c.latent_dim}) to "
+                f"equal the head's ({d}, {head.latent_dim}); the authors' releases differ"
+            )
         ptrs = [t.data_ptr() for t in tensors]
         self.ptrs = (ctypes.c_void_p * len(ptrs))(*ptrs)
         self.tensors = tensors  # keeps the storages alive while the pointers are in use

@@ -37,7 +37,11 @@ from calm.cli import (
 
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", metavar="MODEL", help="checkpoint directory (CALM or token-level model)")
+    parser.add_argument(
+        "model",
+        metavar="MODEL",
+        help="checkpoint directory (CALM or token-level model), or a Hugging Face repo id in the local cache",
+    )
     src = parser.add_argument_group("prompts (at least one)")
     src.add_argument(
         "--prompt", "-p", action="append", default=[], metavar="TEXT", help="a prompt (repeat for a batch)"
@@ -227,7 +231,7 @@ def run_generate(args) -> int:
     if kind == "calm":
         kwargs.update(
             sampler=args.sampler,
-            num_candidates=args.num_samples,
+            num_samples=args.num_samples,
             max_draws=args.max_draws,
         )
     t0 = time.perf_counter()

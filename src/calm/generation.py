@@ -32,7 +32,7 @@ Randomness: batched generation == one-by-one generation
 Temperature
     AR: softmax(logits / T), any T > 0. CALM has no logits: T in (0, 1] through
     `calm.sampling`. ``sampler="exact"`` (the default): rejection sampling that draws in
-    doubling blocks (8, 16, 32, 64, ...) only until it accepts, at most N = ``num_candidates``
+    doubling blocks (8, 16, 32, 64, ...) only until it accepts, at most N = ``num_samples``
     draws per row and step; a row that reaches N gets the batch approximation over its N
     draws. Its cost follows how peaked the model's P is: a confident model needs ~20 draws per
     step at T = 0.5 instead of 200 (benchmarks/bench_decode.py: 3x faster than "approx" at
@@ -436,7 +436,7 @@ def generate(
     max_new_tokens: int,
     temperature: float = 1.0,
     sampler: str = "exact",
-    num_candidates: int = 200,
+    num_samples: int = 200,
     seed: int | Sequence[int] | None = None,
     generator: torch.Generator | None = None,
     eos_id: int | None = _DEFAULT,
@@ -450,6 +450,7 @@ def generate(
     lazy_draws: bool | None = None,
     profile: bool = False,
     return_stats: bool = False,
+    num_candidates: int | None = None,
 ):
     """Continue each prompt by up to `max_new_tokens` tokens. Returns the new tokens per row.
 
@@ -465,7 +466,9 @@ def generate(
             P^(1/T) for the rows that accept within the bound of draws, cost adapts to how
             peaked P is; rows that reach the bound get the approx choice over their draws) or
             "approx" (N candidates per step, `calm.sampling`'s batch estimator).
-        num_candidates: N for the approx sampler (200 is the paper's choice near T = 0.5), and
+        num_samples: N, head samples drawn per row and step by the approx sampler (200 is the
+            paper's choice near T = 0.5), and the exact sampler's default bound on draws (the CLI's
+            ``--num-samples``; ``num_candidates=`` is accepted as an older name),
             the exact sampler's default bound on draws per row and step.
         seed: int (row b uses seed + b) or one int per prompt: reproducible, and a row's output
             does not depend on the other rows in the batch. None: seeds from torch's global RNG.
@@ -476,7 +479,7 @@ def generate(
         stream: ``stream(row, tokens)`` is called as tokens are produced (in order; per row the
             pieces concatenate to that row's returned tokens).
         max_draws, draws_per_call: the exact sampler's bound on draws per row and step
-            (default: num_candidates) and its first block of draws (doubling per call, up to
+            (default: num_samples) and its first block of draws (doubling per call, up to
             64); see `calm.sampling.sample_exact`.
         drop_finished: remove finished rows from the batch (and KV cache) to save compute.
         fused_kernel: CALM on CPU: decode steps of at most `calm.fused_decode.MAX_ROWS`
@@ -497,6 +500,8 @@ def generate(
         return_stats: also return a `GenerationStats`.
     """
     kind = _model_kind(model)
+    if num_candidates is not None:  # the older name of num_samples
+        num_samples = num_candidates
     prompts = _as_prompts(input_ids)
     cfg = model.config
     _check_prompts(prompts, cfg.vocab_size)
@@ -506,10 +511,10 @@ def generate(
     if kind == "calm":
         if sampler not in SAMPLERS:
             raise GenerationError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
-        if isinstance(num_candidates, bool) or not isinstance(num_candidates, int) or num_candidates < 1:
-            raise GenerationError(f"num_candidates must be an integer >= 1, got {num_candidates!r}")
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise GenerationError(f"num_samples must be an integer >= 1, got {num_samples!r}")
         if max_draws is None:
-            max_draws = num_candidates
+            max_draws = num_samples
         if isinstance(max_draws, bool) or not isinstance(max_draws, int) or max_draws < 1:
             raise GenerationError(f"max_draws must be an integer >= 1, got {max_draws!r}")
         if isinstance(draws_per_call, bool) or not isinstance(draws_per_call, int) or draws_per_call < 1:
@@ -537,7 +542,7 @@ def generate(
         prompt_tokens=[len(p) for p in prompts],
         sampler=sampler if kind == "calm" else None,
         temperature=temperature,
-        num_candidates=num_candidates if kind == "calm" and sampler == "approx" and temperature < 1 else None,
+        num_candidates=num_samples if kind == "calm" and sampler == "approx" and temperature < 1 else None,
     )
     was_training = model.training
     model.eval()
@@ -562,10 +567,10 @@ def generate(
                 profile=profile,
                 temperature=temperature,
                 sampler=sampler,
-                num_candidates=num_candidates,
+                num_samples=num_samples,
                 max_draws=max_draws,
                 draws_per_call=draws_per_call,
-                fused_kernel=None if compile else _fused_kernel(fused_kernel, model),
+                fused_kernel=_fused_kernel(fused_kernel, model),
                 compile=compile,
                 lazy_draws=lazy_draws,
             )

@@ -69,11 +69,16 @@ def brier_from_samples(x1: torch.Tensor, x2: torch.Tensor, y: torch.Tensor) -> t
     return score.to(torch.get_default_dtype())
 
 
-def brier_lm(briers: Sequence[float] | torch.Tensor) -> float | torch.Tensor:
+def brier_lm(briers: Sequence[float] | torch.Tensor, *, per_row: bool = False) -> float | torch.Tensor:
     """BrierLM = 100 · (prod_n max(Brier-n, 0))^(1/L) (L = 4: Brier-1..4).
 
     Args:
-        briers: mean Brier-1..L, a sequence of L numbers or a tensor [..., L].
+        briers: *mean* Brier-1..L over an evaluation set: a sequence of L numbers or a tensor
+            [L]; with ``per_row=True`` also a tensor [..., L] of several such means (e.g.
+            bootstrap replicates), scored row by row. The per-position estimates of
+            `brier_from_samples` are not means: average them first (``.mean(0)``); a BrierLM
+            of a single position is 0 or 100 and means nothing, so a tensor of more than one
+            dimension without ``per_row=True`` is refused.
 
     Returns:
         A float for a sequence input, a tensor [...] for a tensor input.
@@ -87,6 +92,12 @@ def brier_lm(briers: Sequence[float] | torch.Tensor) -> float | torch.Tensor:
     b = torch.as_tensor(briers, dtype=torch.float64) if as_float else briers
     if b.dim() < 1 or b.shape[-1] < 1:
         raise ValueError(f"briers must have shape [..., L] (L = 4 for Brier-1..4), got {tuple(b.shape)}")
+    if b.dim() > 1 and not per_row:
+        raise ValueError(
+            f"brier_lm takes the mean Brier-1..{b.shape[-1]} of an evaluation set (shape [{b.shape[-1]}]), got shape "
+            f"{tuple(b.shape)}: average per-position estimates first (e.g. brier_lm(estimates.mean(0))), "
+            "or pass per_row=True to score each row as a separate set of means"
+        )
     if not b.is_floating_point():
         b = b.to(torch.get_default_dtype())
     score = 100.0 * b.clamp_min(0).prod(dim=-1) ** (1.0 / b.shape[-1])

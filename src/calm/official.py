@@ -879,6 +879,15 @@ def _find_sibling_autoencoder(ck: OfficialCheckpoint) -> Path | None:
                 return cand
         except OfficialFormatError:
             continue
+    from calm.hub import cached_sibling  # a release in the Hub cache: OWNER/<name> cached beside it
+
+    for name in names:
+        cand = cached_sibling(ck.path, name)
+        try:
+            if cand is not None and detect_layout(cand) == "autoencoder":
+                return cand
+        except OfficialFormatError:
+            continue
     return None
 
 

@@ -42,20 +42,43 @@ def plot_training_curves(runs: dict[str, tuple[Path, str]], path: Path) -> Path:
     return path
 
 
-def plot_brier_vs_flops(curves: dict[str, list[tuple[float, float]]], path: Path, block_size: int) -> Path:
-    """BrierLM against training FLOPs, one line per model. curves: name -> [(flops, brier_lm)]."""
-    fig, ax = plt.subplots(figsize=(5.2, 3.8))
-    for name, pts in curves.items():
-        if pts:
-            xs, ys = zip(*sorted(pts))
-            ax.plot(xs, ys, "o-", label=name, ms=4)
-    ax.set_xscale("log")
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # overlapping minor labels
-    ax.set_xlabel("training FLOPs")
+def plot_brier_vs_flops(curves: dict[str, list], path: Path, block_size: int) -> Path:
+    """BrierLM (with its 95% CI as a band) and Brier-1..4 against training FLOPs, one colour per
+    model. curves: name -> points, each a dict with ``flops`` and ``brier_lm`` and optionally
+    ``brier_lm_ci_low``/``brier_lm_ci_high`` and ``brier_1``..``brier_4`` (or a (flops,
+    brier_lm) pair)."""
+    fig, (ax, axn) = plt.subplots(1, 2, figsize=(10.5, 3.9))
+    for i, (name, pts) in enumerate(curves.items()):
+        pts = sorted(
+            ({"flops": p[0], "brier_lm": p[1]} if isinstance(p, (tuple, list)) else p for p in pts),
+            key=lambda p: p["flops"],
+        )
+        if not pts:
+            continue
+        color = f"C{i}"
+        xs = [p["flops"] for p in pts]
+        ax.plot(xs, [p["brier_lm"] for p in pts], "o-", color=color, label=name, ms=4)
+        if all("brier_lm_ci_low" in p and "brier_lm_ci_high" in p for p in pts):
+            ax.fill_between(
+                xs, [p["brier_lm_ci_low"] for p in pts], [p["brier_lm_ci_high"] for p in pts], color=color, alpha=0.2
+            )
+        for n, style in zip(range(1, 5), ("-", "--", "-.", ":")):
+            if all(f"brier_{n}" in p for p in pts):
+                axn.plot(xs, [p[f"brier_{n}"] for p in pts], style, color=color, label=f"{name} Brier-{n}")
+    for a in (ax, axn):
+        a.set_xscale("log")
+        a.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        a.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:.0e}".replace("e+", "e")))
+        a.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        a.set_xlabel("training FLOPs")
+        a.grid(alpha=0.3, which="both")
     ax.set_ylabel(f"BrierLM (context {block_size} tokens)")
-    ax.set_title("BrierLM vs training compute")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend()
+    ax.set_title("BrierLM (band: 95% CI)")
+    ax.legend(fontsize=8)
+    axn.set_ylabel("Brier-n")
+    axn.set_title("Brier-1..4 (BrierLM is their clamped geometric mean)")
+    axn.axhline(0, color="gray", lw=0.8)
+    axn.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

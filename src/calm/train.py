@@ -289,6 +289,12 @@ class PreparedData:
     def tokenizer(self):
         return self.train.tokenizer()
 
+    def check_token_ids(self, vocab_size: int) -> None:
+        """A clear error before training if an id is outside the model's vocabulary (`calm.data`)."""
+        for split in (self.train, self.val):
+            if split is not None:
+                split.check_token_ids(min(int(vocab_size), split.vocab_size))
+
 
 # ---------------------------------------------------------------------------------------------
 # The loop
@@ -378,6 +384,8 @@ def train(
         )
     if isinstance(data, (str, os.PathLike)):
         data = PreparedData(data)  # bad data is an error before anything is created in out_dir
+    if hasattr(data, "check_token_ids") and hasattr(model.config, "vocab_size"):
+        data.check_token_ids(model.config.vocab_size)  # out-of-range ids: an error before training
     if resume:
         resolve_checkpoint(Path(out_dir) / CHECKPOINT_NAME)  # read again below, under the lock
     lock = RunDirectoryLock(out_dir)

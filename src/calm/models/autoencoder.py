@@ -107,7 +107,7 @@ class ChunkAutoencoder(nn.Module):
         with torch.no_grad():
             acc = (logits.argmax(-1) == chunks).float().mean()
             active = (kl_dim.mean(dim=tuple(range(kl_dim.dim() - 1))) > c.kl_clamp).float().mean()
-        return loss, {"ce": ce.detach(), "kl": kl.detach(), "token_acc": acc, "active_dims": active}
+        return loss, {"ce": ce.detach(), "kl": kl.detach(), "token_acc": acc, "active_fraction": active}
 
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, dict]:
         return self.loss(tokens)

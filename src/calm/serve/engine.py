@@ -79,6 +79,7 @@ class Sequence:
     step: int = 0  # decoding steps done: the row's random streams are keyed by it
     tokens: int = 0  # completion tokens so far
     ignore_eos: bool = False  # go on past the end-of-text token (benchmarks: fixed lengths)
+    first_block: int = 0  # CALM's exact sampler: draws its last step needed (0: none yet)
     cancelled: bool = False
     done: bool = False
 
@@ -376,11 +377,18 @@ class Engine:
             rng,
             temperature=sampling.temperature,
             sampler=sampling.sampler,
-            num_candidates=sampling.num_samples,
+            num_samples=sampling.num_samples,
             stats=self.stats,
             fused_kernel=self.fused,
         )
-        return sampler(h, steps)
+        # The exact sampler sizes a step's first block of draws by what the previous step
+        # needed (as in `generate`); the group's sampler is rebuilt each step (its rows change),
+        # so the rows carry that size. It changes the cost only, never the draws.
+        sampler.first_block = max(s.first_block or sampler.first_block for s in rows)
+        out = sampler(h, steps)
+        for s in rows:
+            s.first_block = sampler.first_block
+        return out
 
     def _push(self, seq: Sequence, piece: list[int]) -> bool:
         """Record a row's new tokens and send its text; False when the sequence has ended."""
