@@ -29,7 +29,9 @@ MISSING_EXTRA = (
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "model", metavar="CHECKPOINT", help="checkpoint directory (CALM or token-level model)"
+        "model",
+        metavar="CHECKPOINT",
+        help="checkpoint directory (CALM or token-level model), or a Hugging Face repo id in the local cache",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port)")
