@@ -402,7 +402,10 @@ def test_disk_full_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, monke
 
     with monkeypatch.context() as m:
         m.setattr(safetensors.torch, "save_model", full_safetensors)
-        with pytest.raises(CheckpointError, match=r"cannot write checkpoint .*ck: no space left.*previous checkpoint .* is intact"):
+        with pytest.raises(
+            CheckpointError,
+            match=r"cannot write checkpoint .*ck: no space left.*previous checkpoint .* is intact",
+        ):
             save_checkpoint(tmp_path / "ck", tiny_ae(seed=2))
 
     def full_torch_save(*a, **k):
@@ -443,7 +446,9 @@ def test_config_value_of_the_wrong_type_names_the_field(tmp_path, field, value):
 def test_config_field_removed_is_named_not_a_shape_dump(tmp_path):
     path = save_checkpoint(tmp_path / "ae", tiny_ae())
     _edit_config(path, d_model=None)
-    with pytest.raises(CheckpointError, match=r"has no field\(s\) d_model; the default\(s\) d_model=512") as err:
+    with pytest.raises(
+        CheckpointError, match=r"has no field\(s\) d_model; the default\(s\) d_model=512"
+    ) as err:
         load_model(path)
     assert len(str(err.value)) < 1000 and "more" in str(err.value)
     path = save_checkpoint(tmp_path / "ok", tiny_ae())

@@ -114,7 +114,9 @@ def test_draw_classes_for_a_subset_of_rows():
     assert torch.equal(classes.chunks(ids[:, 5], rows), full[rows, 5])
 
 
-@pytest.mark.parametrize("temperature,sampler", [(0.5, "exact"), (0.4, "exact"), (0.7, "exact"), (0.5, "approx")])
+@pytest.mark.parametrize(
+    "temperature,sampler", [(0.5, "exact"), (0.4, "exact"), (0.7, "exact"), (0.5, "approx")]
+)
 def test_lazy_draw_classes_give_the_chunks_of_full_decoding(temperature, sampler):
     """The CPU path (draws told apart position by position) chooses exactly the chunks that
     decoding every draw in full chooses, for the same row seeds."""

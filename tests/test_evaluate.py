@@ -172,6 +172,19 @@ def test_evaluate_model_seed_batch_and_windows(tok):
     assert lo <= a["brier_lm"] <= hi or a["brier_lm"] == 0
 
 
+def test_evaluate_model_default_block_follows_the_model_context(tok):
+    """A flat stream without block_size is cut into min(256, the model's context) windows, as
+    `calm eval` does (a 64-token model used to fail with the 256-token default)."""
+    tokens = torch.randint(0, tok.vocab_size, (64 * 3,), generator=torch.Generator().manual_seed(5))
+    ar = _ar(tok)  # max_seq_len 64
+    result = evaluate_model(ar, tokens, seed=0)
+    assert result["block_size"] == 64 and result["windows"] == 3
+    calm_model = _calm(tok).eval()
+    context = calm_model.config.max_seq_len * calm_model.config.chunk_size
+    result = evaluate_model(calm_model, torch.cat([tokens] * 4), seed=0)
+    assert result["block_size"] == min(256, context)
+
+
 def test_evaluate_model_rejects_bad_input(tok):
     ar, calm = _ar(tok), _calm(tok)
     tokens = torch.randint(0, tok.vocab_size, (500,))
@@ -379,7 +392,9 @@ def test_cli_block_size_defaults_to_the_models_context(capsys, checkpoints, data
 
         context = model_context_tokens(load_model(checkpoints[name]))
         assert context < DEFAULT_BLOCK_SIZE  # the case the default must handle
-        code, out, err = _cli(capsys, checkpoints[name], "--data", data_files["text"], "--json", "--max-tokens", "256")
+        code, out, err = _cli(
+            capsys, checkpoints[name], "--data", data_files["text"], "--json", "--max-tokens", "256"
+        )
         assert code == 0, err
         assert json.loads(out)["block_size"] == context
         assert f"block size {context} tokens" in err

@@ -881,7 +881,9 @@ def test_ae_path_ending_in_dotdot_selects_nothing_above_the_release(release, tmp
     d = tmp_path / "downloads" / "CALM-M"
     cfg = official_calm_config(release["v"], release["vocab"]) | {"ae_path": "/mnt/authors/.."}
     write_bin(d, cfg, release["calm"])
-    with pytest.raises(OfficialFormatError, match=r"ae_path '/mnt/authors/\.\.' does not end in a directory name"):
+    with pytest.raises(
+        OfficialFormatError, match=r"ae_path '/mnt/authors/\.\.' does not end in a directory name"
+    ):
         load_official(d)
     model = load_official(d, ae_path=tmp_path)  # naming it explicitly is the user's choice
     assert model.official_load_report.autoencoder_source == str(tmp_path)

@@ -1,12 +1,50 @@
 """End to end: `calm quickstart --tiny` runs the whole pipeline and writes a complete report."""
 
 import json
+import re
+import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_block(name: str) -> str:
+    """The fenced code block right after ``<!-- readme-test: NAME -->`` in the README."""
+    text = README.read_text(encoding="utf-8")
+    match = re.search(rf"<!-- readme-test: {name} -->\n```\w*\n(.*?)\n```", text, re.S)
+    assert match, f"README has no block marked readme-test: {name}"
+    return match.group(1)
+
+
+def readme_commands(name: str) -> list[list[str]]:
+    """The `calm ...` command lines of a README shell block (continuations joined)."""
+    joined = readme_block(name).replace("\\\n", " ")
+    lines = [line.split("#")[0].strip() for line in joined.splitlines()]
+    return [shlex.split(line) for line in lines if line.startswith("calm ")]
+
+
+def run_readme_after_quickstart(out: Path) -> None:
+    """The README's commands and Python example for the quickstart's outputs, with
+    ``runs/quickstart`` pointing at `out` (the --tiny run of the test)."""
+    commands = readme_commands("after-quickstart")
+    assert len(commands) >= 5
+    for argv in commands:
+        argv = [a.replace("runs/quickstart", str(out)) for a in argv]
+        proc = subprocess.run(
+            [sys.executable, "-m", "calm", *argv[1:]], capture_output=True, text=True, timeout=600
+        )
+        assert proc.returncode == 0, (argv, proc.stderr[-2000:])
+    code = readme_block("python-api").replace("runs/quickstart", str(out))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    printed = proc.stdout.strip().splitlines()
+    assert printed[0].startswith("The if statement")
+    assert 0.0 <= float(printed[-1]) <= 100.0
 
 
 @pytest.mark.slow
@@ -52,6 +90,17 @@ def test_tiny_quickstart_writes_a_complete_report(tmp_path):
         records = [json.loads(line) for line in (out / run / "metrics.jsonl").read_text().splitlines()]
         assert any("brier_lm" in r for r in records if r.get("split") == "val")
 
+    # the README's tour block and Python example run verbatim on these outputs
+    run_readme_after_quickstart(out)
+
+
+def test_readme_blocks_are_found():
+    """The markers the slow test reads exist and hold what it expects (fast check)."""
+    commands = readme_commands("after-quickstart")
+    assert all(argv[1] in ("eval", "generate", "flops") for argv in commands)
+    assert all(any("runs/quickstart" in a for a in argv) for argv in commands)
+    assert "runs/quickstart/calm/checkpoint" in readme_block("python-api")
+
 
 def test_quickstart_refuses_to_overwrite(tmp_path):
     (tmp_path / "keep.txt").write_text("precious")
@@ -80,7 +129,9 @@ def _summary(calm_b=(0.05, 0.01, 0.001, -0.0004), ar_b=(0.15, 0.05, 0.01, 0.003)
         "train_steps": {"calm": 1200, "ar": 400},
         "tokens_per_step": 2048,
         "autoencoder": {"train": {"loss": 3.2, "val_loss": 0.49}},
-        "sample_stats": {"calm": {"T=0.5": {"row_steps": 48, "hit_limit": 46, "draws_per_row_step": 195, "max_draws": 200}}},
+        "sample_stats": {
+            "calm": {"T=0.5": {"row_steps": 48, "hit_limit": 46, "draws_per_row_step": 195, "max_draws": 200}}
+        },
     }
 
 
@@ -91,7 +142,9 @@ def test_report_conclusions_come_from_the_numbers(tmp_path):
     for name, vals in (("calm", [12.6, 12.41, 12.5, 12.68]), ("ar", [6.0, 5.5, 5.2, 5.1])):
         d = tmp_path / name
         d.mkdir()
-        lines = [json.dumps({"split": "val", "step": 100 * (i + 1), "val_loss": v}) for i, v in enumerate(vals)]
+        lines = [
+            json.dumps({"split": "val", "step": 100 * (i + 1), "val_loss": v}) for i, v in enumerate(vals)
+        ]
         (d / "metrics.jsonl").write_text("\n".join(lines) + "\n")
         runs[name] = d
     text = "\n".join(conclusions(_summary(), runs))

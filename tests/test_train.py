@@ -523,18 +523,40 @@ def test_resume_refuses_data_with_another_tokenizer_of_the_same_size(prepared, t
     other = _prepare(tmp_path / "other", "zebra yak xylophone wolf vole urchin tapir seal rook".split())
     assert json.loads((other / "meta.json").read_text())["vocab_size"] == 280  # same size, other merges
     run = tmp_path / "run"
-    code, _, err = _main("train-ae", "--data", str(prepared), "--out", str(run), *AE_ARGS, "--steps", "2", capsys=capsys)
+    code, _, err = _main(
+        "train-ae", "--data", str(prepared), "--out", str(run), *AE_ARGS, "--steps", "2", capsys=capsys
+    )
     assert code == 0, err
     saved_tokenizer = (run / "checkpoint" / "tokenizer.json").read_bytes()
     code, _, err = _main(
-        "train-ae", "--data", str(other), "--out", str(run), *AE_ARGS, "--steps", "3", "--resume", capsys=capsys
+        "train-ae",
+        "--data",
+        str(other),
+        "--out",
+        str(run),
+        *AE_ARGS,
+        "--steps",
+        "3",
+        "--resume",
+        capsys=capsys,
     )
     assert code == 2
     assert "trained with a different tokenizer than the data in" in err and "checkpoint's tokenizer" in err
     assert load_train_state(run / "checkpoint")["step"] == 2
     assert (run / "checkpoint" / "tokenizer.json").read_bytes() == saved_tokenizer
     # the same data resumes as before
-    code, _, err = _main("train-ae", "--data", str(prepared), "--out", str(run), *AE_ARGS, "--steps", "3", "--resume", capsys=capsys)
+    code, _, err = _main(
+        "train-ae",
+        "--data",
+        str(prepared),
+        "--out",
+        str(run),
+        *AE_ARGS,
+        "--steps",
+        "3",
+        "--resume",
+        capsys=capsys,
+    )
     assert code == 0, err
 
 
@@ -634,11 +656,15 @@ def test_second_training_on_the_same_run_directory_is_refused(prepared, tmp_path
     first = _popen_train_ae("--data", str(prepared), "--out", str(run), *SIGNAL_ARGS, "--steps", "1000000")
     try:
         _wait_for_step(first, run, 1)
-        code, _, err = _main("train-ae", "--data", str(prepared), "--out", str(run), *AE_ARGS, "--steps", "2", capsys=capsys)
+        code, _, err = _main(
+            "train-ae", "--data", str(prepared), "--out", str(run), *AE_ARGS, "--steps", "2", capsys=capsys
+        )
         assert code == 2
         assert f"is in use by another training run (pid {first.pid}" in err
     finally:
         first.send_signal(signal.SIGKILL)  # dies holding the lock: the kernel releases it
         first.communicate(timeout=60)
-    code, _, err = _main("train-ae", "--data", str(prepared), "--out", str(run), *AE_ARGS, "--steps", "2", capsys=capsys)
+    code, _, err = _main(
+        "train-ae", "--data", str(prepared), "--out", str(run), *AE_ARGS, "--steps", "2", capsys=capsys
+    )
     assert code == 0, err

@@ -312,13 +312,15 @@ def _chunk_sampler(model):
     found the fast way); any other model's own ``sample_chunks``."""
     from calm.models.calm import CALM
 
-    if not isinstance(model, CALM) or getattr(model.sample_chunks, "__func__", None) is not CALM.sample_chunks:
+    if (
+        not isinstance(model, CALM)
+        or getattr(model.sample_chunks, "__func__", None) is not CALM.sample_chunks
+    ):
         return model.sample_chunks  # not our CALM, or its sampler is replaced (subclass, instance)
     from calm.decoding import ChunkDecoder
 
     decode = ChunkDecoder.for_model(model).decode
     return lambda h, n, generator=None: decode(model.sample_latents(h, n, generator=generator))
-
 
 
 @torch.no_grad()

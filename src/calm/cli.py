@@ -1,8 +1,13 @@
 """The `calm` command line.
 
-Each subcommand is a pair of plain functions in the module that does the work:
-``add_<name>_arguments(parser)`` and ``run_<name>(args) -> int``. Modules are imported only
-for the subcommand being run, so `calm --help` is instant and needs no torch import.
+Each subcommand is a pair of plain functions, ``add_<name>_arguments(parser)`` and
+``run_<name>(args) -> int``, in a command-line module that imports no torch at module level
+(`calm.train_cli`, `calm.evaluate_cli`, `calm.generate`, ...; the run function imports the
+work when it runs). Only the subcommand being run is imported, so `calm --help` and
+`calm COMMAND --help` answer in a fraction of a second (tests/test_cli_help.py holds this).
+
+``--threads N`` (every command that computes) sets torch's CPU threads before the command
+runs (`apply_threads`); 0 keeps torch's default (one per physical core).
 """
 
 from __future__ import annotations
@@ -19,14 +24,14 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "text/JSONL (plain, .gz, .zst), Parquet, Arrow, datasets dirs -> tokenizer (train BPE or load "
         "tokenizer.json) -> token shards",
     ),
-    "train-ae": ("calm.train", "train_ae", "train the chunk autoencoder (stage 1)"),
+    "train-ae": ("calm.train_cli", "train_ae", "train the chunk autoencoder (stage 1)"),
     "train": (
-        "calm.train",
+        "calm.train_cli",
         "train",
         "train the CALM model on a frozen autoencoder (stage 2), or the token baseline (--model ar)",
     ),
     "eval": (
-        "calm.evaluate",
+        "calm.evaluate_cli",
         "eval",
         "evaluate a checkpoint: BrierLM for CALM/AR, cross-entropy for AR, reconstruction for autoencoders",
     ),
@@ -38,16 +43,58 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     ),
     "flops": ("calm.flops", "flops", "parameter counts and FLOPs per token for a preset or checkpoint"),
     "quickstart": (
-        "calm.quickstart",
+        "calm.quickstart_cli",
         "quickstart",
         "the whole pipeline end to end on a small default, with a report",
     ),
     "convert-official": (
-        "calm.official",
+        "calm.official_cli",
         "convert_official",
         "convert the authors' released CALM/autoencoder checkpoints to this format",
     ),
 }
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default only where it says something: not for required options, flags,
+    None or empty defaults, nor where the help text already states its default."""
+
+    def _get_help_string(self, action):
+        help_ = action.help or ""
+        default = action.default
+        if (
+            action.required
+            or default is None
+            or default is False
+            or default in ("", [])
+            or default is argparse.SUPPRESS
+            or "default" in help_.lower()
+        ):
+            return help_
+        return super()._get_help_string(action)
+
+
+def add_threads_argument(parser) -> None:
+    """``--threads N``: torch's CPU threads for the command (`apply_threads`)."""
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        metavar="N",
+        help="CPU threads for torch; 0 = torch's default (one per physical core, the fastest on an idle "
+        "machine). On a busy shared machine 1 can be several times faster (benchmarks/bench_eval.py)",
+    )
+
+
+def apply_threads(args) -> None:
+    """Set torch's CPU threads from ``args.threads`` (a ValueError for a negative count)."""
+    threads = getattr(args, "threads", 0) or 0
+    if threads < 0:
+        raise ValueError(f"--threads must be >= 0, got {threads}")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def add_official_ae_argument(parser) -> None:
@@ -126,9 +173,7 @@ def build_command_parser(name: str) -> tuple[argparse.ArgumentParser, object]:
     """The argument parser of one subcommand and its run function."""
     module_name, stem, help_ = COMMANDS[name]
     module = importlib.import_module(module_name)
-    parser = argparse.ArgumentParser(
-        prog=f"calm {name}", description=help_, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    parser = argparse.ArgumentParser(prog=f"calm {name}", description=help_, formatter_class=HelpFormatter)
     getattr(module, f"add_{stem}_arguments")(parser)
     return parser, getattr(module, f"run_{stem}")
 
@@ -149,6 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     parser, run = build_command_parser(argv[0])
     args = parser.parse_args(argv[1:])
     try:
+        apply_threads(args)
         code = run(args)
     except KeyboardInterrupt as err:
         # calm.train.TrainingInterrupted has already said where its checkpoint is and carries the

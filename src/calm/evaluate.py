@@ -24,8 +24,6 @@ validation cross-entropy.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import os
 import sys
@@ -39,12 +37,6 @@ import numpy as np
 import torch
 
 from calm.brier import COLLISION_ESTIMATORS, DEFAULT_MAX_CACHE_BYTES, NGRAM, window_scores
-from calm.cli import (
-    add_head_sampling_arguments,
-    add_no_verify_argument,
-    add_official_ae_argument,
-    apply_head_sampling,
-)
 from calm.data import check_token_ids, make_windows
 from calm.metrics import BrierAccumulator
 
@@ -62,6 +54,13 @@ def model_context_tokens(model) -> int:
     if c.kind == "calm":
         return int(c.max_seq_len) * int(c.chunk_size)
     return int(c.max_seq_len)
+
+
+def _is_flat(data) -> bool:
+    """A token stream to cut into windows (not windows [N, T] already)."""
+    if hasattr(data, "tokens") and hasattr(data, "split"):
+        return True
+    return getattr(data, "ndim", None) == 1 or (not hasattr(data, "ndim") and np.asarray(data).ndim == 1)
 
 
 def _as_windows(data, block_size: int | None, max_tokens: int | None) -> torch.Tensor:
@@ -275,8 +274,9 @@ def evaluate_model(
     """Evaluate a loaded model on tokens; returns a plain dict (JSON-ready).
 
     data: a flat token stream (1-D tensor / array, or a `calm.data.TokenShards`), cut into
-        consecutive windows of ``block_size`` tokens (default 256); or windows [N, T] as they
-        are (then ``block_size`` defaults to T).
+        consecutive windows of ``block_size`` tokens (default: 256, or the model's context if
+        that is shorter, as in `calm eval`); or windows [N, T] as they are (then ``block_size``
+        defaults to T).
     max_tokens: evaluate at most this many tokens (whole windows).
     seed: the samples drawn (head samples, rollouts) come from a generator seeded with it, so a
         result is reproducible on the same device.
@@ -299,6 +299,8 @@ def evaluate_model(
         raise ValueError(f"cannot evaluate a model of kind {kind!r}")
     if collision not in COLLISION_ESTIMATORS:
         raise ValueError(f"collision must be one of {COLLISION_ESTIMATORS}, got {collision!r}")
+    if block_size is None and _is_flat(data):  # as `calm eval`: the default follows the model's context
+        block_size = min(DEFAULT_BLOCK_SIZE, model_context_tokens(model))
     windows = _as_windows(data, block_size, max_tokens)
     T = windows.shape[1]
     check_block_size(model, T)
@@ -495,95 +497,6 @@ def load_eval_tokens(
 # Command line
 
 
-def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of `calm eval`."""
-    parser.add_argument(
-        "model",
-        metavar="MODEL_DIR",
-        help="checkpoint directory (CALM, token baseline or autoencoder; ours or the authors' layout), "
-        "or a Hugging Face repo id in the local cache (e.g. cccczshao/CALM-M)",
-    )
-    parser.add_argument(
-        "--data",
-        nargs="+",
-        required=True,
-        metavar="PATH",
-        help="a prepared data directory (calm prepare; see --split), or text / JSONL files or "
-        "directories, tokenized with the model's tokenizer (documents joined with end-of-text)",
-    )
-    parser.add_argument(
-        "--split", choices=("val", "train"), default="val", help="split of a prepared data directory"
-    )
-    parser.add_argument(
-        "--max-tokens",
-        type=int,
-        default=None,
-        metavar="N",
-        help="evaluate at most N tokens (whole windows); none = all",
-    )
-    parser.add_argument(
-        "--block-size",
-        type=int,
-        default=None,
-        metavar="N",
-        help="evaluation window in tokens, the same for CALM and the baseline: each window is "
-        f"scored on its own, so it bounds the context (default: {DEFAULT_BLOCK_SIZE}, or the model's "
-        "context if that is shorter; compare models at the same value)",
-    )
-    add_official_ae_argument(parser)
-    add_no_verify_argument(parser)
-    add_head_sampling_arguments(parser)
-    parser.add_argument("--seed", type=int, default=0, help="seed of the samples the estimators draw")
-    parser.add_argument(
-        "--batch-size",
-        type=int,
-        default=DEFAULT_BATCH_SIZE,
-        metavar="B",
-        help="windows per forward pass (lower it if memory is short)",
-    )
-    parser.add_argument(
-        "--device", default="auto", help="auto (a GPU if there is one), cpu, cuda, cuda:1, ..."
-    )
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=0,
-        metavar="N",
-        help="CPU threads for torch (0 = torch's default). On a busy shared machine 1 can be several "
-        "times faster than 2 (benchmarks/bench_eval.py)",
-    )
-    parser.add_argument(
-        "--ar-stride",
-        type=int,
-        default=1,
-        metavar="N",
-        help="token baseline: score only positions that are multiples of N (N = K gives exactly "
-        "CALM's chunk-aligned positions); 1 = every position",
-    )
-    parser.add_argument(
-        "--collision",
-        choices=COLLISION_ESTIMATORS,
-        default="pair",
-        help="token baseline collision-term estimator: pair = two sampled prefixes agree x exact "
-        "sum p^2 (DESIGN); expected = P(sampled prefix) x exact sum p^2 (Rao-Blackwellised, "
-        "lower variance, same cost)",
-    )
-    parser.add_argument("--level", type=float, default=0.95, help="confidence level of the BrierLM interval")
-    parser.add_argument("--text-field", default="text", help="JSONL field holding the document text")
-    parser.add_argument(
-        "--doc-split",
-        choices=("auto", "blank", "file", "wikitext"),
-        default="auto",
-        help="how plain text files split into documents (as in calm prepare)",
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument(
-        "--json",
-        action="store_true",
-        help="print one JSON object on stdout (the progress bar goes to stderr)",
-    )
-
-
 def _resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -634,88 +547,12 @@ def format_result(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run_eval(args: argparse.Namespace) -> int:
-    """`calm eval`: returns the exit status (bad input raises ValueError with a readable message)."""
-    from calm.checkpoint import load_model
-
-    # A directory or a Hub repo id in the local cache: load_model judges (and resolves) it; it
-    # also follows a save's .old-* copy.
-    path = Path(args.model)
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    for p in args.data:
-        if not Path(p).exists():
-            from calm.data import DataError
-
-            raise DataError(f"evaluation data not found: {p}")
-    if args.threads < 0:
-        raise ValueError(f"--threads must be >= 0, got {args.threads}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = _resolve_device(args.device)
-    model = load_model(path, device=device, ae_path=args.ae, verify=not args.no_verify)
-    apply_head_sampling(model, args)
-    kind = model.config.kind
-    if args.max_tokens is not None and args.max_tokens < 1:
-        raise ValueError(f"--max-tokens must be >= 1, got {args.max_tokens}")
-    if kind in ("calm", "ar"):
-        if args.block_size is None:  # the default follows the model's context
-            args.block_size = min(DEFAULT_BLOCK_SIZE, model_context_tokens(model))
-            print(f"block size {args.block_size} tokens (--block-size to change it)", file=sys.stderr)
-        check_block_size(model, args.block_size)  # before reading any data
-    tokenizer = getattr(model, "tokenizer", None)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        tokens, desc = load_eval_tokens(
-            args.data,
-            tokenizer,
-            split=args.split,
-            max_tokens=args.max_tokens,
-            text_field=args.text_field,
-            doc_split=args.doc_split,
-        )
-    notes = [str(w.message) for w in caught]
-    for msg in notes:
-        print(f"warning: {msg}", file=sys.stderr)
-    progress = not args.no_progress
-    if kind == "autoencoder":
-        from calm.eval_autoencoder import format_reconstruction, reconstruction_report
-
-        result = {
-            "kind": "autoencoder",
-            **reconstruction_report(model, tokens, seed=args.seed, progress=progress),
-        }
-    else:
-        result = evaluate_model(
-            model,
-            tokens,
-            block_size=args.block_size,
-            seed=args.seed,
-            batch_size=args.batch_size,
-            ar_stride=args.ar_stride,
-            collision=args.collision,
-            level=args.level,
-            progress=progress,
-        )
-    result = {"model": str(path), **result, "data": desc, "device": str(device), "warnings": notes}
-    if args.json:
-        print(json.dumps(result))
-    elif kind == "autoencoder":
-        print(f"autoencoder {path} on {desc['source']}")
-        print(format_reconstruction(result))
-    else:
-        print(format_result(result))
-    return 0
-
-
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
-    "add_eval_arguments",
     "brier_eval_fn",
     "check_block_size",
     "evaluate_model",
     "format_result",
     "load_eval_tokens",
     "make_windows",
-    "run_eval",
 ]

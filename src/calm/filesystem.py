@@ -141,7 +141,10 @@ class RunDirectoryLock:
             ) from None
         except OSError as err:  # e.g. a file system without flock support
             os.close(fd)
-            print(f"warning: cannot lock {self.path} ({err}); the run directory is not protected", file=sys.stderr)
+            print(
+                f"warning: cannot lock {self.path} ({err}); the run directory is not protected",
+                file=sys.stderr,
+            )
             return self
         holder = {
             "pid": os.getpid(),

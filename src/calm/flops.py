@@ -325,7 +325,9 @@ def flops_report(
             if config.decoder_ce_weight > 0:  # one more head sample, through the frozen decoder
                 per_sample = head_train / max(1, N) if config.head == "energy" else 0
                 step_train["decoder_ce"] = per_sample + 3 * 2 * ae_counts["decoder_matmul"]
-                notes.append("decoder cross-entropy (training only): one head sample + the decoder, fwd + bwd")
+                notes.append(
+                    "decoder cross-entropy (training only): one head sample + the decoder, fwd + bwd"
+                )
             step_infer = {
                 "input_compression": 2 * comp_matmul,
                 "backbone": 2 * bb_matmul,

@@ -32,6 +32,7 @@ from calm.cli import (
     add_head_sampling_arguments,
     add_no_verify_argument,
     add_official_ae_argument,
+    add_threads_argument,
     apply_head_sampling,
 )
 
@@ -90,6 +91,7 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     add_head_sampling_arguments(parser)
     add_official_ae_argument(parser)
     add_no_verify_argument(parser)
+    add_threads_argument(parser)
     parser.add_argument("--seed", type=int, default=None, help="random seed (prompt i uses seed + i)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available)")
     parser.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-text token")
@@ -104,7 +106,9 @@ def read_prompts(args) -> list[str]:
     if args.prompt_file:
         path = Path(args.prompt_file)
         if path.is_dir():
-            raise GenerationError(f"--prompt-file {path} is a directory; give a text file with one prompt per line")
+            raise GenerationError(
+                f"--prompt-file {path} is a directory; give a text file with one prompt per line"
+            )
         if not path.is_file():
             raise FileNotFoundError(f"prompt file not found: {path}")
         try:

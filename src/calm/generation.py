@@ -550,7 +550,18 @@ def generate(
     try:
         if kind == "ar":
             rows = _generate_ar(
-                model, prompts, steps, temperature, rng, eos, pad, stream, drop_finished, stats, profile, compile
+                model,
+                prompts,
+                steps,
+                temperature,
+                rng,
+                eos,
+                pad,
+                stream,
+                drop_finished,
+                stats,
+                profile,
+                compile,
             )
         else:
             rows = _generate_calm(
@@ -643,11 +654,15 @@ def _compiled(fn, device: torch.device | None = None):
     cuda = device is not None and device.type == "cuda"
     key = (fn, cuda)
     if key not in _COMPILED:
-        _COMPILED[key] = torch.compile(fn, fullgraph=True, dynamic=False, mode="reduce-overhead" if cuda else None)
+        _COMPILED[key] = torch.compile(
+            fn, fullgraph=True, dynamic=False, mode="reduce-overhead" if cuda else None
+        )
     return _COMPILED[key]
 
 
-def _generate_ar(model, prompts, steps, T, rng, eos, pad, stream, drop_finished, stats, profile, compile=False):
+def _generate_ar(
+    model, prompts, steps, T, rng, eos, pad, stream, drop_finished, stats, profile, compile=False
+):
     device = next(model.parameters()).device
     B = len(prompts)
     tokens, valid = prepare_prompts(prompts, pad, 1, device)
@@ -691,7 +706,20 @@ def _generate_ar(model, prompts, steps, T, rng, eos, pad, stream, drop_finished,
 
 
 def _generate_calm(
-    model, prompts, steps, max_new, rng, stats, *, eos, pad, stream, drop_finished, profile, compile=False, **sampling
+    model,
+    prompts,
+    steps,
+    max_new,
+    rng,
+    stats,
+    *,
+    eos,
+    pad,
+    stream,
+    drop_finished,
+    profile,
+    compile=False,
+    **sampling,
 ):
     cfg = model.config
     K = cfg.chunk_size
@@ -706,7 +734,9 @@ def _generate_calm(
     cache = model.new_cache(B, chunks.shape[1] + steps - 1, static=compile)
     timer = _Timer(profile, device)
     rows = _Rows(B, steps * K, max_new, eos, stream, device, pad)
-    sample = ChunkSampler(model, rng, stats=stats, timer=timer if profile else None, compile=compile, **sampling)
+    sample = ChunkSampler(
+        model, rng, stats=stats, timer=timer if profile else None, compile=compile, **sampling
+    )
     table = ChunkInputTable.for_model(model)  # built outside the timed run, cached
     advance_fn = _compiled(_calm_advance, device) if compile else _calm_advance
 
@@ -726,7 +756,16 @@ def _generate_calm(
     stats.prefill_s = time.perf_counter() - t_prefill
     timer.lap("prefill")
     _decode_loop(
-        h, pos, steps, sample, advance, rows, [cache, sample, rng], drop_finished and not compile, stats, timer
+        h,
+        pos,
+        steps,
+        sample,
+        advance,
+        rows,
+        [cache, sample, rng],
+        drop_finished and not compile,
+        stats,
+        timer,
     )
     stats.phases = timer.phases
     return rows

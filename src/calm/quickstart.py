@@ -278,7 +278,12 @@ def run_pipeline(
         samples[name], sample_stats[name] = {}, {}
         for t in temps:
             new, st = generate(
-                models[name], prompts, max_new_tokens=size.sample_tokens, temperature=t, seed=seed, return_stats=True
+                models[name],
+                prompts,
+                max_new_tokens=size.sample_tokens,
+                temperature=t,
+                seed=seed,
+                return_stats=True,
             )
             samples[name][f"T={t:g}"] = [tok.decode(p + n) for p, n in zip(prompts, new)]
             if name == "calm" and t < 1:
@@ -332,48 +337,3 @@ def run_pipeline(
 
 def _jsonable(obj):
     return json.loads(json.dumps(obj, default=lambda o: o if isinstance(o, (int, float, str)) else str(o)))
-
-
-def add_quickstart_arguments(parser) -> None:
-    """Options of `calm quickstart`."""
-    parser.add_argument(
-        "--data",
-        nargs="+",
-        metavar="PATH",
-        help="training text/JSONL files or directories (default: the embedded corpus)",
-    )
-    parser.add_argument(
-        "--val", nargs="+", metavar="PATH", help="held-out files (default with --data: 5%% of the documents)"
-    )
-    parser.add_argument(
-        "--out", default=None, help="output directory (default: runs/quickstart, or runs/quickstart-tiny with --tiny)"
-    )
-    parser.add_argument("--tiny", action="store_true", help="a much smaller setting (a few minutes)")
-    parser.add_argument("--device", default="auto", help="auto (GPU if available, else CPU), cpu, cuda")
-    parser.add_argument("--seed", type=int, default=0, help="seed of every stage")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    parser.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
-
-
-def run_quickstart(args) -> int:
-    summary = run_pipeline(
-        args.out or ("runs/quickstart-tiny" if args.tiny else "runs/quickstart"),
-        data=args.data,
-        val=args.val,
-        tiny=args.tiny,
-        device=args.device,
-        seed=args.seed,
-        overwrite=args.overwrite,
-        progress=not args.quiet,
-    )
-    if args.json:
-        print(json.dumps(_jsonable(summary)))
-    else:
-        sc = summary["scores"]
-        print(
-            f"BrierLM (context {sc['calm']['block_size']} tokens): CALM {sc['calm']['brier_lm']:.2f}, "
-            f"Transformer {sc['ar']['brier_lm']:.2f}"
-        )
-        print(f"report: {Path(summary['out']) / 'report' / 'report.md'}")
-    return 0

@@ -39,7 +39,11 @@ def _val_turn(run_dir: Path) -> tuple[int, float, int, float] | None:
     """(best step, best val loss, last step, last val loss) if the last is > 1% above the best."""
     from calm.train import read_metrics
 
-    vals = [(r["step"], r["val_loss"]) for r in read_metrics(run_dir) if r.get("split") == "val" and "val_loss" in r]
+    vals = [
+        (r["step"], r["val_loss"])
+        for r in read_metrics(run_dir)
+        if r.get("split") == "val" and "val_loss" in r
+    ]
     if len(vals) < 3:
         return None
     best = min(vals, key=lambda v: v[1])

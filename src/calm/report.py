@@ -60,7 +60,11 @@ def plot_brier_vs_flops(curves: dict[str, list], path: Path, block_size: int) ->
         ax.plot(xs, [p["brier_lm"] for p in pts], "o-", color=color, label=name, ms=4)
         if all("brier_lm_ci_low" in p and "brier_lm_ci_high" in p for p in pts):
             ax.fill_between(
-                xs, [p["brier_lm_ci_low"] for p in pts], [p["brier_lm_ci_high"] for p in pts], color=color, alpha=0.2
+                xs,
+                [p["brier_lm_ci_low"] for p in pts],
+                [p["brier_lm_ci_high"] for p in pts],
+                color=color,
+                alpha=0.2,
             )
         for n, style in zip(range(1, 5), ("-", "--", "-.", ":")):
             if all(f"brier_{n}" in p for p in pts):
@@ -68,7 +72,9 @@ def plot_brier_vs_flops(curves: dict[str, list], path: Path, block_size: int) ->
     for a in (ax, axn):
         a.set_xscale("log")
         a.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-        a.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:.0e}".replace("e+", "e")))
+        a.xaxis.set_major_formatter(
+            matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:.0e}".replace("e+", "e"))
+        )
         a.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         a.set_xlabel("training FLOPs")
         a.grid(alpha=0.3, which="both")

@@ -87,6 +87,8 @@ class TokenTransformer(nn.Module):
         """Sub-modules to shard as separate FSDP units (the Transformer blocks)."""
         return list(self.backbone.layers)
 
-    def new_cache(self, batch_size: int, max_len: int | None = None, device=None, dtype=None, *, static=False):
+    def new_cache(
+        self, batch_size: int, max_len: int | None = None, device=None, dtype=None, *, static=False
+    ):
         """A KV cache for `batch_size` rows of at most `max_len` tokens (`Backbone.new_cache`)."""
         return self.backbone.new_cache(batch_size, max_len, device, dtype, static=static)

@@ -145,7 +145,9 @@ class CALM(nn.Module):
         x = self.chunk_inputs(tokens, token_valid)
         return self.backbone(x, positions=positions, valid=valid, cache=cache)
 
-    def new_cache(self, batch_size: int, max_len: int | None = None, device=None, dtype=None, *, static=False):
+    def new_cache(
+        self, batch_size: int, max_len: int | None = None, device=None, dtype=None, *, static=False
+    ):
         """A KV cache for `batch_size` rows of at most `max_len` chunks (`Backbone.new_cache`)."""
         return self.backbone.new_cache(batch_size, max_len, device, dtype, static=static)
 

@@ -63,7 +63,11 @@ class RotaryEmbedding(nn.Module):
         """cos and sin for integer `positions` [B, T] -> each [B, 1, T, head_dim]."""
         # The check reads the positions' values (a host sync): eager only; a compiled step
         # relies on its caller having checked the lengths from shapes.
-        if not torch.compiler.is_compiling() and positions.numel() and int(positions.max()) >= self.max_positions:
+        if (
+            not torch.compiler.is_compiling()
+            and positions.numel()
+            and int(positions.max()) >= self.max_positions
+        ):
             raise ValueError(
                 f"position {int(positions.max())} is beyond the model's context of {self.max_positions} "
                 "positions (max_seq_len)"

@@ -291,7 +291,9 @@ class Backbone(nn.Module):
         ``static=True``: a `StaticKVCache` (fixed shapes, per-row lengths)."""
         p = self.norm.weight
         cls = StaticKVCache if static else KVCache
-        return cls(self.config, batch_size, max_len or self.config.max_seq_len, device or p.device, dtype or p.dtype)
+        return cls(
+            self.config, batch_size, max_len or self.config.max_seq_len, device or p.device, dtype or p.dtype
+        )
 
     def forward(
         self,
