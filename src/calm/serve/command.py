@@ -19,6 +19,7 @@ from calm.cli import (
     add_head_sampling_arguments,
     add_no_verify_argument,
     add_official_ae_argument,
+    add_threads_argument,
     apply_head_sampling,
 )
 
@@ -55,7 +56,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype", choices=["model", "bfloat16"], default="model", help="run the model in this dtype"
     )
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    add_threads_argument(parser)
     parser.add_argument(
         "--no-fused-kernel",
         action="store_true",
@@ -90,8 +91,6 @@ def run_serve(args) -> int:
         raise ValueError(
             f"--max-rows must be >= 1 and --max-queue >= 0, got {args.max_rows}, {args.max_queue}"
         )
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     device = _device(args.device)
     model = load_model(args.model, device=device, ae_path=args.ae, verify=not args.no_verify)
     kind = getattr(model.config, "kind", None)
