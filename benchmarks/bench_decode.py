@@ -11,7 +11,7 @@ random weights so that its samples differ). Modes:
   ar               the token-level baseline, T = 1 (its cost does not depend on T)
   ar_compiled      the same through `torch.compile`d steps (``generate(compile=True)``)
   calm_t1          CALM at T = 1: one head sample per step (on CPU at batch <= 8: head +
-                   decoder + argmax in one compiled C call, `calm.fused_decode`)
+                   decoder + argmax in one native call, `calm.fused_decode`)
   calm_t1_torch    the same through the PyTorch modules (``fused_kernel=False``)
   calm_t1_compiled the same through `torch.compile`d steps (``compile=True``, no kernel): the
                    kernel's rival
@@ -223,7 +223,7 @@ def markdown(results: list[dict], meta: dict) -> str:
         "Where a decoding step's time goes (ms per step, median over the runs; `generate(profile=True)`): "
         "backbone = one backbone step (CALM: with its chunk input), sample = AR vocabulary projection "
         "and sampling, head = energy-head samples, decode = autoencoder decoder and vocabulary argmax, "
-        "head+decode = both (in one call: the C kernel or a compiled graph), decode+select = the "
+        "head+decode = both (in one call: the native kernel or a compiled graph), decode+select = the "
         "T < 1 samplers' head samples, decoding and choice, bookkeeping = recording outputs:",
         "",
         "| setting | batch | mode | step ms | " + " | ".join(_PHASES) + " |",

@@ -14,7 +14,7 @@ import pytest
 
 from calm.cli import COMMANDS, HelpFormatter, apply_threads, build_command_parser
 
-COMPUTE_COMMANDS = ("train-ae", "train", "eval", "generate", "quickstart")
+COMPUTE_COMMANDS = ("train-ae", "train", "eval", "generate", "serve", "quickstart")
 
 _NO_TORCH = (
     "import sys; sys.modules['torch'] = None; sys.argv = ['calm'] + sys.argv[1:]\n"

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -15,7 +11,9 @@ from calm.generation import GenerationError, generate
 from calm.models.autoencoder import ChunkAutoencoder
 from calm.models.calm import CALM
 
-needs_kernel = pytest.mark.skipif(not fused_decode.available(), reason="no C compiler for the fused kernel")
+needs_kernel = pytest.mark.skipif(
+    not fused_decode.available(), reason=f"the fused kernel is not available: {fused_decode._load()[1]}"
+)
 
 
 def _calm(shape: str = "tiny", seed: int = 0) -> CALM:
@@ -127,6 +125,61 @@ def test_generate_with_the_kernel_equals_generate_without(temperature):
     assert stats.fused_draws == (stats.draws if temperature == 1.0 else 0)
 
 
+@needs_kernel
+@pytest.mark.parametrize("ae_width", [24, 48])
+def test_an_autoencoder_of_another_width_than_the_backbone_runs_in_the_kernel(ae_width):
+    # The authors' releases pair a d = 512 autoencoder with d = 1024 backbones (24 vs 32 here;
+    # 48: wider than the head, the scratch rows follow the widest). The C kernel had one width
+    # for head and decoder and read past the decoder's weights (wrong chunks or a segfault);
+    # the two widths are now separate sizes, each weight checked against them.
+    torch.manual_seed(0)
+    ae = ChunkAutoencoder(
+        AutoencoderConfig(vocab_size=64, d_model=ae_width, ffn_dim=40, latent_dim=8, num_layers=2)
+    )
+    cfg = CALMConfig(
+        d_model=32, num_layers=1, num_heads=2, ffn_dim=48, max_seq_len=32, vocab_size=64,
+        latent_dim=8, noise_dim=8, head_layers=2,
+    )  # fmt: skip
+    model = CALM.from_autoencoder(cfg, ae)
+    torch.nn.init.normal_(model.head.final_layer.linears[-1].weight, std=0.5)
+    for p in model.autoencoder.parameters():
+        if p.dim() == 2:
+            torch.nn.init.normal_(p, std=0.3)
+    model.eval()
+    h, noise = _inputs(model, 2, 3)
+    latents = torch.empty(2, 3, 8)
+    chunks = fused_decode.head_decode(model.head, model.autoencoder, h, noise, latents=latents)
+    with torch.no_grad():
+        torch.testing.assert_close(latents, model.head(h, noise), rtol=1e-5, atol=1e-5)
+        assert torch.equal(chunks, model.autoencoder.decode(latents))
+    kw = dict(max_new_tokens=16, seed=0, eos_id=None, return_stats=True)
+    fast, stats = generate(model, [[1, 2, 3]], **kw)
+    assert stats.fused_draws == stats.draws > 0
+    assert fast == generate(model, [[1, 2, 3]], fused_kernel=False, **kw)[0]
+
+
+@needs_kernel
+def test_weights_of_the_wrong_shape_are_named_not_read():
+    model = _calm("odd")
+    ae = model.autoencoder
+    ae.from_latent = torch.nn.Linear(ae.config.latent_dim + 1, ae.config.d_model)  # one input too many
+    with pytest.raises(fused_decode.KernelUnavailable, match=r"from_latent\.weight has shape \[40, 13\]"):
+        fused_decode.kernel_for(model.head, ae)
+    model = _calm("odd")
+    kernel = fused_decode.kernel_for(model.head, model.autoencoder)
+    h, noise = _inputs(model, 2, 3)
+    with pytest.raises(ValueError, match=r"noise has shape \[2, 3, 9\]"):
+        kernel(h, noise[..., :9])
+    with pytest.raises(ValueError, match=r"h has shape \[2, 39\]"):
+        kernel(h[:, :39].contiguous(), noise)
+    with pytest.raises(ValueError, match="latents has shape"):
+        kernel(h, noise, latents=torch.empty(2, 3, 5))
+    # a non-contiguous input is copied, not misread
+    wide = torch.cat([noise, noise], dim=-1)[..., : noise.shape[-1]]
+    assert not wide.is_contiguous()
+    assert torch.equal(kernel(h, wide), kernel(h, noise))
+
+
 @pytest.fixture
 def fresh_kernel(tmp_path, monkeypatch):
     """An empty kernel cache and a forgotten library, restored afterwards."""
@@ -137,12 +190,12 @@ def fresh_kernel(tmp_path, monkeypatch):
 
 
 def test_without_a_compiler_generation_falls_back(fresh_kernel, monkeypatch):
-    monkeypatch.setenv("CC", str(fresh_kernel / "no-such-cc"))
+    monkeypatch.setenv("CXX", str(fresh_kernel / "no-such-c++"))
     assert not fused_decode.available()
     model = _calm()
     out, stats = generate(model, [[1, 2, 3]], max_new_tokens=12, seed=0, return_stats=True)
     assert stats.fused_draws == 0 and len(out[0]) <= 12
-    with pytest.raises(GenerationError, match="could not compile"):
+    with pytest.raises(GenerationError, match="could not compile.*no-such-c\\+\\+"):
         generate(model, [[1, 2, 3]], max_new_tokens=12, seed=0, fused_kernel=True)
 
 
@@ -151,20 +204,6 @@ def test_the_kernel_can_be_turned_off(fresh_kernel, monkeypatch):
     assert not fused_decode.available()
     with pytest.raises(fused_decode.KernelUnavailable, match="CALM_FUSED_KERNEL=0"):
         fused_decode.kernel_for(_calm().head, _calm().autoencoder)
-
-
-@needs_kernel
-def test_the_compiled_kernel_is_cached_on_disk(fresh_kernel, monkeypatch):
-    assert fused_decode.available()
-    (built,) = (fresh_kernel / "kernels").glob("fused_decode-*.so")
-    fused_decode._load.cache_clear()
-
-    def no_compiler(*args, **kwargs):
-        raise AssertionError("compiled again")
-
-    monkeypatch.setattr(fused_decode.subprocess, "run", no_compiler)
-    assert fused_decode.available()  # loaded from the cache
-    assert list((fresh_kernel / "kernels").glob("fused_decode-*.so")) == [built]
 
 
 @needs_kernel
@@ -185,37 +224,3 @@ def test_models_the_kernel_cannot_run_are_named():
             max_new_tokens=8,
             fused_kernel=True,
         )
-
-
-@needs_kernel
-def test_a_damaged_cached_kernel_is_built_again(fresh_kernel):
-    assert fused_decode.available()
-    (built,) = (fresh_kernel / "kernels").glob("fused_decode-*.so")
-    built.unlink()  # (this process has it mapped: replace the file, do not overwrite it)
-    built.write_bytes(b"not a shared library")  # e.g. a disk that filled up
-    # a fresh process, as a damaged file is found in real life (dlopen caches by path)
-    code = "from calm import fused_decode; print(fused_decode._load()[1] or 'ok')"
-    env = {**os.environ, "CALM_CACHE_DIR": str(fresh_kernel)}
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
-    assert res.stdout.strip() == "ok", res.stdout + res.stderr
-    assert built.read_bytes()[:4] == b"\x7fELF"
-
-
-def test_an_autoencoder_narrower_than_the_backbone_takes_the_pytorch_path():
-    # The authors' releases pair a d = 512 autoencoder with d = 1024 (CALM-M) backbones; the kernel
-    # has one width for the head and the decoder, so it must refuse (it read past the decoder's
-    # weights before: wrong chunks, or a segfault in tests/test_official.py).
-    torch.manual_seed(0)
-    ae = ChunkAutoencoder(
-        AutoencoderConfig(vocab_size=64, d_model=24, ffn_dim=40, latent_dim=8, num_layers=2)
-    )
-    cfg = CALMConfig(
-        d_model=32, num_layers=1, num_heads=2, ffn_dim=48, max_seq_len=32, vocab_size=64,
-        latent_dim=8, noise_dim=8, head_layers=2,
-    )  # fmt: skip
-    model = CALM.from_autoencoder(cfg, ae).eval()
-    with pytest.raises(fused_decode.KernelUnavailable, match="width"):
-        fused_decode.kernel_for(model.head, model.autoencoder)
-    out, stats = generate(model, [[1, 2, 3]], max_new_tokens=8, seed=0, return_stats=True)
-    assert stats.fused_draws == 0
-    assert out == generate(model, [[1, 2, 3]], max_new_tokens=8, seed=0, fused_kernel=False)

@@ -36,6 +36,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "evaluate a checkpoint: BrierLM for CALM/AR, cross-entropy for AR, reconstruction for autoencoders",
     ),
     "generate": ("calm.generate", "generate", "generate text from prompts (logit-free temperature for CALM)"),
+    "serve": (
+        "calm.serve.command",
+        "serve",
+        "serve a CALM or baseline checkpoint over HTTP (OpenAI-compatible completions, continuous batching)",
+    ),
     "flops": ("calm.flops", "flops", "parameter counts and FLOPs per token for a preset or checkpoint"),
     "quickstart": (
         "calm.quickstart_cli",

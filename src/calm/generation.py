@@ -75,6 +75,7 @@ __all__ = [
     "GenerationError",
     "GenerationStats",
     "RowRandom",
+    "check_lengths",
     "check_temperature",
     "choose_approx",
     "generate",
@@ -83,6 +84,7 @@ __all__ = [
 ]
 
 _DEFAULT = object()  # "take it from the model / tokenizer"
+AR_CHOICE_STREAM = 1  # RowRandom purpose of the AR sampler's uniforms (fixed: a seed gives the same text)
 
 
 class GenerationError(ValueError):
@@ -134,6 +136,32 @@ def check_temperature(temperature: float, kind: str) -> float:
         except (ValueError, TypeError) as err:
             raise GenerationError(str(err)) from err
     return t
+
+
+def check_lengths(prompt_lengths: Sequence[int], max_new_tokens: int, chunk_size: int, context: int) -> None:
+    """GenerationError unless every prompt and its continuation fit the backbone's `context`
+    (positions: chunks of `chunk_size` tokens for CALM, tokens for AR). The error's ``param``
+    says what to change: "prompt" (longer than the context) or "max_new_tokens"."""
+    K = chunk_size
+    steps = -(-max_new_tokens // K)
+    unit = f"chunks of {K} tokens" if K > 1 else "tokens"
+    for i, length in enumerate(prompt_lengths):
+        n = -(-length // K)
+        if n > context:
+            err = GenerationError(
+                f"prompt {i} has {length} tokens ({n} {unit}), longer than the model's context of "
+                f"{context} {unit} ({context * K} tokens)"
+            )
+            err.param = "prompt"
+            raise err
+        if n + steps - 1 > context:
+            room = (context - n + 1) * K
+            err = GenerationError(
+                f"prompt {i} ({length} tokens) + max_new_tokens={max_new_tokens} exceeds the model's context "
+                f"of {context * K} tokens ({context} {unit}); use max_new_tokens <= {room} or a shorter prompt"
+            )
+            err.param = "max_new_tokens"
+            raise err
 
 
 def _as_prompts(input_ids) -> list[list[int]]:
@@ -494,22 +522,8 @@ def generate(
     elif sampler not in SAMPLERS:
         raise GenerationError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
     K = cfg.chunk_size if kind == "calm" else 1
-    context = cfg.max_seq_len  # backbone positions: chunks for CALM, tokens for AR
     steps = -(-max_new_tokens // K)
-    unit = f"chunks of {K} tokens" if K > 1 else "tokens"
-    for i, p in enumerate(prompts):
-        n = -(-len(p) // K)
-        if n > context:
-            raise GenerationError(
-                f"prompt {i} has {len(p)} tokens ({n} {unit}), longer than the model's context of "
-                f"{context} {unit} ({context * K} tokens)"
-            )
-        if n + steps - 1 > context:
-            room = (context - n + 1) * K
-            raise GenerationError(
-                f"prompt {i} ({len(p)} tokens) + max_new_tokens={max_new_tokens} exceeds the model's context "
-                f"of {context * K} tokens ({context} {unit}); use max_new_tokens <= {room} or a shorter prompt"
-            )
+    check_lengths([len(p) for p in prompts], max_new_tokens, K, cfg.max_seq_len)
     eos = _special_id(model, "eot_id", eos_id)
     pad = _special_id(model, "pad_id", pad_id)
     if pad is None:
@@ -659,7 +673,7 @@ def _generate_ar(
     choice_fn = _compiled(_ar_choice, device) if compile else _ar_choice
     timer = _Timer(profile, device)
     rows = _Rows(B, steps, steps, eos, stream, device, pad)
-    uniforms = NoiseBlocks(rng, 1, (), torch.float64)
+    uniforms = NoiseBlocks(rng, AR_CHOICE_STREAM, (), torch.float64)
     inv_t = 1.0 / T
 
     def sample(h: torch.Tensor, step: int) -> torch.Tensor:

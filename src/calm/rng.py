@@ -5,6 +5,10 @@ which other rows share a batch).
 pure function of (the row's seed, the stream key, the element index), so a row's draws do not
 depend on the other rows, rows can be dropped, and blocks of future values can be drawn at
 once. `NoiseBlocks` draws many steps' worth of one stream per call.
+
+Per-row counters: a stream key component (e.g. the step) and the element offset may also be a
+LongTensor with one value per row, so rows at different steps (a server's batch, where each
+request joined at its own time) draw in one call exactly the values each would draw alone.
 """
 
 from __future__ import annotations
@@ -84,20 +88,39 @@ class RowRandom:
             self._index_cache[n] = idx
         return idx
 
-    def bits(self, stream: Sequence[int], n: int, offset: int = 0) -> torch.Tensor:
+    def bits(self, stream: Sequence, n: int, offset: int | torch.Tensor = 0) -> torch.Tensor:
         """[B, n] int64 random bits: elements offset .. offset + n - 1 of the counter ``stream``
-        (a tuple of non-negative ints), so consecutive calls can continue one sequence."""
-        salt = 0x5851F42D4C957F2D
+        (a tuple of non-negative ints), so consecutive calls can continue one sequence.
+
+        A component of ``stream`` and ``offset`` may be a LongTensor [B] of per-row values: row b
+        then gets exactly the bits of a call with that row's values as ints."""
+        salt: int | torch.Tensor = 0x5851F42D4C957F2D
         for s in stream:
-            salt = _mix64_int(salt ^ _mix64_int(int(s) + 0x2545F4914F6CDD1D))
-        key = _mix64(self.keys ^ _signed64(salt)).view(-1, 1)
+            if isinstance(s, torch.Tensor):  # the same arithmetic on int64 tensors (wrapping)
+                if isinstance(salt, int):
+                    salt = torch.full_like(self.keys, _signed64(salt))
+                salt = _mix64(salt ^ _mix64(s.to(torch.int64) + 0x2545F4914F6CDD1D))
+            elif isinstance(salt, int):
+                salt = _mix64_int(salt ^ _mix64_int(int(s) + 0x2545F4914F6CDD1D))
+            else:
+                salt = _mix64(salt ^ _signed64(_mix64_int(int(s) + 0x2545F4914F6CDD1D)))
+        salt = _signed64(salt) if isinstance(salt, int) else salt
+        key = _mix64(self.keys ^ salt).view(-1, 1)
+        if isinstance(offset, torch.Tensor):  # (i + offset_b)·G modulo 2^64, per row
+            return _mix64(key + self._index(n) + (offset.to(torch.int64) * _GOLDEN).view(-1, 1))
         return _mix64(key + self._index(n, offset))
 
     def uniform(
-        self, stream: Sequence[int], shape: Sequence[int] = (), dtype=torch.float32, *, offset: int = 0
+        self,
+        stream: Sequence,
+        shape: Sequence[int] = (),
+        dtype=torch.float32,
+        *,
+        offset: int | torch.Tensor = 0,
     ) -> torch.Tensor:
         """[B, *shape] uniforms in (0, 1): 24 random bits for float32/bf16/fp16, 53 for float64;
-        elements `offset` onwards of the stream (row-major over `shape`)."""
+        elements `offset` onwards of the stream (row-major over `shape`). Per-row stream
+        components and offsets (LongTensors [B]) as in `bits`."""
         shape = tuple(int(s) for s in shape)
         x = self.bits(stream, math.prod(shape), offset)
         if dtype == torch.float64:
@@ -135,7 +158,17 @@ class NoiseBlocks:
         if self._values is not None:
             self._values = self._values[rows]
 
-    def get(self, step: int) -> torch.Tensor:
+    def get(self, step: int | torch.Tensor) -> torch.Tensor:
+        """The values of `step` [B, *shape]. ``step`` may be a LongTensor [B] of per-row steps
+        (rows at different steps): each row gets the values of its own step, drawn directly
+        (the same values as from its block)."""
+        if isinstance(step, torch.Tensor):
+            per_step = max(1, math.prod(self.shape))
+            index, offset = step // self.block, step % self.block
+            u = self.rng.uniform(
+                (self.purpose, index), (1, *self.shape), self.dtype, offset=offset * per_step
+            )
+            return (self.transform(u) if self.transform is not None else u)[:, 0]
         index, offset = divmod(step, self.block)
         if index != self._index:
             u = self.rng.uniform((self.purpose, index), (self.block, *self.shape), self.dtype)

@@ -125,6 +125,48 @@ class StaticKVCache:
         self.filled, self.pos = self.filled[rows], self.pos[rows]
         self.rows = torch.arange(len(self.pos), device=self.pos.device)
 
+    # -- continuous batching: rows join with their prefilled prefix, the slot count follows need
+    @classmethod
+    def from_cache(cls, cache: KVCache, max_len: int) -> StaticKVCache:
+        """A static cache of `max_len` slots holding what a `KVCache` holds (e.g. a prompt
+        prefilled alone): the same slots filled, each row's next slot right after them."""
+        if cache.length > max_len:
+            raise ValueError(f"{cache.length} filled slots do not fit in {max_len}")
+        self = cls.__new__(cls)
+        n = cache.length
+        self.keys = [F.pad(k[:, :, :n], (0, 0, 0, max_len - n)) for k in cache.keys]
+        self.values = [F.pad(v[:, :, :n], (0, 0, 0, max_len - n)) for v in cache.values]
+        self.filled = F.pad(cache.valid[:, :n], (0, max_len - n))
+        device = self.filled.device
+        self.pos = torch.full((self.filled.shape[0],), n, dtype=torch.long, device=device)
+        self.slots_index = torch.arange(max_len, device=device)
+        self.rows = torch.arange(self.filled.shape[0], device=device)
+        self.max_len, self.length = max_len, 0
+        return self
+
+    def resize(self, max_len: int) -> None:
+        """Change the slot count (a longer row is joining, or the longest one left). Shrinking
+        drops slots at the end: the caller makes sure no row has filled them or will need them."""
+        n = min(max_len, self.max_len)
+        grow = max_len - n
+        self.keys = [F.pad(k[:, :, :n], (0, 0, 0, grow)) for k in self.keys]
+        self.values = [F.pad(v[:, :, :n], (0, 0, 0, grow)) for v in self.values]
+        self.filled = F.pad(self.filled[:, :n], (0, grow))
+        self.slots_index = torch.arange(max_len, device=self.pos.device)
+        self.max_len = max_len
+
+    def extend(self, *others: StaticKVCache) -> None:
+        """Append the rows of `others` (same layers and slot count) after this cache's rows."""
+        for other in others:
+            if other.max_len != self.max_len:
+                raise ValueError(f"cannot join caches of {self.max_len} and {other.max_len} slots")
+        caches = (self, *others)
+        self.keys = [torch.cat(ks) for ks in zip(*(c.keys for c in caches))]
+        self.values = [torch.cat(vs) for vs in zip(*(c.values for c in caches))]
+        self.filled = torch.cat([c.filled for c in caches])
+        self.pos = torch.cat([c.pos for c in caches])
+        self.rows = torch.arange(len(self.pos), device=self.pos.device)
+
 
 class SharedPrefixCache:
     """Continuations of Q queries that share one context cache per window, without copies.

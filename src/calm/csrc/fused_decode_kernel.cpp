@@ -3,18 +3,22 @@
  * At batch 1 a CALM decoding step runs ~80 small PyTorch ops after the backbone (head,
  * decoder, argmax); each costs a few microseconds of dispatch for a few microseconds of work.
  * This file does the same arithmetic in one pass over the model's own float32 weights (no
- * copies), the vocabulary argmax in float32. Compiled on first use by `calm.fused_decode`
- * (plain C11 with GCC/Clang vector extensions, no PyTorch headers) and called through ctypes.
+ * copies), the vocabulary argmax in float32. It includes no PyTorch header: plain C++ with
+ * GCC/Clang vector extensions. `fused_decode_ext.cpp` checks the tensors and calls it; both
+ * are built by `torch.utils.cpp_extension` on first use (`calm.fused_decode`).
  *
  * Results equal the PyTorch modules' up to float32 rounding (another summation order), and do
  * not depend on how many rows are decoded together. Single-threaded on purpose: it is used for
  * a handful of rows, where threads cost more than they save; larger batches go through
  * PyTorch's GEMMs.
  */
+#include "fused_decode_kernel.h"
+
 #include <math.h>
-#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+namespace {
 
 #define LANES 16 /* floats per vector: one AVX-512 register, two AVX2 registers (hsum assumes 16) */
 
@@ -53,7 +57,7 @@ static inline float hsum(vf v) {
  * without -ffast-math; the result depends on the inputs only, not on the batch). One weight row
  * is read front to back, which the hardware prefetchers follow best (measured: interleaving 4
  * weight rows per pass was 20-40% slower here). */
-static float dot(const float *restrict a, const float *restrict b, int64_t n) {
+static float dot(const float *__restrict__ a, const float *__restrict__ b, int64_t n) {
     vf s0 = {0}, s1 = {0};
     int64_t i = 0;
     for (; i + 2 * LANES <= n; i += 2 * LANES) {
@@ -124,35 +128,29 @@ static void residual_mlp(float *X, int64_t rows, int64_t d, int64_t f, const flo
     linear(p[3], f, NULL, g, f, X, d, rows, d, f, 1);
 }
 
-/* Dimensions, in this order (all int64). */
-enum { D, NOISE, LATENT, HEAD_BLOCKS, FFN, PRE_BLOCKS, POST_BLOCKS, K, V, NUM_DIMS };
+}  // namespace
 
-/* Weights, in the order `calm.fused_decode` lists them:
- *   head:    hidden_embd.{w,b}, norm_hidden.{w,b}, noise_embd.{w,b}, norm_noise.{w,b},
- *            per block: in_ln.{w,b}, linears.0.{w,b}, linears.2.{w,b}, linears.4.{w,b}, down_proj.{w,b},
- *            final_layer: in_ln.{w,b}, linears.0.{w,b}, linears.2.{w,b}
- *   decoder: from_latent.{w,b}, per pre block: norm.w, gate.w, up.w, down.w, expand.{w,b},
- *            per post block: norm.w, gate.w, up.w, down.w, decoder_norm.w, lm_head.w [V, d]
- * eps: head LayerNorm eps, autoencoder RMSNorm eps.
- *
- * h [B, d], noise [B, m, noise_dim] -> out [B, m, K] token ids, and the head's latents in
- * latents [B, m, latent] unless it is NULL. Returns 0, or -1 when out of memory. */
 int calm_fused_head_decode(const float *const *p, const int64_t *dims, const float *eps, const float *h,
                            int64_t B, const float *noise, int64_t m, int64_t *out, float *latents) {
-    const int64_t d = dims[D], nd = dims[NOISE], l = dims[LATENT], hb = dims[HEAD_BLOCKS], f = dims[FFN];
-    const int64_t pre = dims[PRE_BLOCKS], post = dims[POST_BLOCKS], Kc = dims[K], Vc = dims[V];
+    using namespace calm_fused;
+    const int64_t d = dims[D], nd = dims[NOISE], l = dims[LATENT], hb = dims[HEAD_BLOCKS];
+    const int64_t da = dims[AE_D], f = dims[AE_FFN], pre = dims[PRE_BLOCKS], post = dims[POST_BLOCKS];
+    const int64_t Kc = dims[K], Vc = dims[V];
     const int64_t R = B * m, RK = R * Kc;
     const float ln_eps = eps[0], rms_eps = eps[1];
-    const int64_t big = (2 * d > f ? 2 * d : f);
-    /* scratch: hh [B,d], hp [B,d], x [R,d], t [RK,big], u [RK,big], g [RK,big], z [R,l],
-     * e [RK,d], row maxima [RK] */
-    size_t n = (size_t)(2 * B * d + R * d + 3 * RK * big + R * l + RK * d + RK);
-    float *buf = malloc(n * sizeof(float));
+    /* widest row of the scratch t, u, g: the head's 2d, the decoder's d_ae and ffn */
+    int64_t big = 2 * d > f ? 2 * d : f;
+    if (da > big) big = da;
+    const int64_t xd = d > da ? d : da; /* x: the head's state [R, d], then the decoder's [R, d_ae] */
+    /* scratch: hh [B,d], hp [B,d], x [R,xd], t [RK,big], u [RK,big], g [RK,big], z [R,l],
+     * e [RK,d_ae], row maxima [RK] */
+    size_t n = (size_t)(2 * B * d + R * xd + 3 * RK * big + R * l + RK * da + RK);
+    float *buf = (float *)malloc(n * sizeof(float));
     if (!buf) return -1;
-    float *hh = buf, *hp = hh + B * d, *x = hp + B * d, *t = x + R * d, *u = t + RK * big, *g = u + RK * big;
-    float *z = g + RK * big, *e = z + R * l, *best = e + RK * d;
+    float *hh = buf, *hp = hh + B * d, *x = hp + B * d, *t = x + R * xd, *u = t + RK * big, *g = u + RK * big;
+    float *z = g + RK * big, *e = z + R * l, *best = e + RK * da;
 
-    /* ---- energy head ---- */
+    /* ---- energy head (width d) ---- */
     int i = 0;
     linear(p[i], d, p[i + 1], h, d, t, d, B, d, d, 0);
     layer_norm(t, hh, B, d, p[i + 2], p[i + 3], ln_eps);
@@ -182,14 +180,14 @@ int calm_fused_head_decode(const float *const *p, const int64_t *dims, const flo
     i += 6;
     if (latents) memcpy(latents, z, (size_t)(R * l) * sizeof(float));
 
-    /* ---- autoencoder decoder ---- */
-    linear(p[i], l, p[i + 1], z, l, x, d, R, d, l, 0);
+    /* ---- autoencoder decoder (width d_ae, which the authors' releases make smaller than d) ---- */
+    linear(p[i], l, p[i + 1], z, l, x, da, R, da, l, 0);
     i += 2;
-    for (int64_t blk = 0; blk < pre; blk++, i += 4) residual_mlp(x, R, d, f, p + i, rms_eps, t, g, u);
-    linear(p[i], d, p[i + 1], x, d, e, Kc * d, R, Kc * d, d, 0); /* e: [R, K*d] = [RK, d] */
+    for (int64_t blk = 0; blk < pre; blk++, i += 4) residual_mlp(x, R, da, f, p + i, rms_eps, t, g, u);
+    linear(p[i], da, p[i + 1], x, da, e, Kc * da, R, Kc * da, da, 0); /* e: [R, K*d_ae] = [RK, d_ae] */
     i += 2;
-    for (int64_t blk = 0; blk < post; blk++, i += 4) residual_mlp(e, RK, d, f, p + i, rms_eps, t, g, u);
-    rms_norm(e, t, RK, d, p[i], rms_eps);
+    for (int64_t blk = 0; blk < post; blk++, i += 4) residual_mlp(e, RK, da, f, p + i, rms_eps, t, g, u);
+    rms_norm(e, t, RK, da, p[i], rms_eps);
     i += 1;
 
     /* ---- vocabulary argmax through the tied embedding, in float32 ---- */
@@ -200,7 +198,7 @@ int calm_fused_head_decode(const float *const *p, const int64_t *dims, const flo
     for (int64_t r = 0; r < RK; r++) best[r] = -INFINITY, out[r] = 0;
     for (int64_t v = 0; v < Vc; v++)
         for (int64_t r = 0; r < RK; r++) {
-            float value = dot(emb + v * d, t + r * d, d);
+            float value = dot(emb + v * da, t + r * da, da);
             if (value > best[r]) best[r] = value, out[r] = v;
         }
     free(buf);
