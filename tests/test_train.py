@@ -270,7 +270,7 @@ def test_in_process_resume_is_exact(tmp_path):
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    data = pytest.importorskip("calm.data")
+    import calm.data as data
     root = tmp_path_factory.mktemp("prepared")
     words = "the a cat dog sat ran on under mat log and then quietly".split()
     g = torch.Generator().manual_seed(0)
@@ -411,7 +411,6 @@ def test_cli_config_routing_and_errors(prepared, tmp_path, capsys):
 
 
 def test_cli_train_ar_baseline(prepared, tmp_path, capsys):
-    pytest.importorskip("calm.models.ar")
     code, out, err = _main(
         "train",
         "--model",
@@ -456,7 +455,6 @@ def test_cli_train_calm_needs_autoencoder(prepared, tmp_path, capsys):
 
 
 def test_cli_train_calm_on_trained_autoencoder(prepared, tmp_path, capsys):
-    pytest.importorskip("calm.models.calm")
     ae_run, calm_run = tmp_path / "ae", tmp_path / "calm"
     code, _, err = _main(
         "train-ae", "--data", str(prepared), "--out", str(ae_run), *AE_ARGS, "--steps", "2", capsys=capsys
@@ -504,7 +502,7 @@ def test_cli_train_calm_on_trained_autoencoder(prepared, tmp_path, capsys):
 
 
 def _prepare(root, words, *, val_fraction=0.2, docs=60, seed=0):
-    data = pytest.importorskip("calm.data")
+    import calm.data as data
     g = torch.Generator().manual_seed(seed)
     text = [
         " ".join(words[i] for i in torch.randint(0, len(words), (60,), generator=g).tolist())
