@@ -31,8 +31,12 @@ def _calm(shape: str = "tiny", seed: int = 0) -> CALM:
             latent_dim=12, chunk_size=3, noise_dim=10, head_layers=2,
         )  # fmt: skip
         model = CALM.from_autoencoder(cfg, ae)
-    # a trained head's last layer is not zero; random decoder weights with larger spread give
-    # logits that are far from tied, like a trained autoencoder's
+    return _spread_like_trained(model)
+
+
+def _spread_like_trained(model: CALM) -> CALM:
+    """A trained head's last layer is not zero; random decoder weights with larger spread give
+    logits that are far from tied, like a trained autoencoder's. Returns the model in eval mode."""
     torch.nn.init.normal_(model.head.final_layer.linears[-1].weight, std=0.5)
     for p in model.autoencoder.parameters():
         if p.dim() == 2:
@@ -140,12 +144,7 @@ def test_an_autoencoder_of_another_width_than_the_backbone_runs_in_the_kernel(ae
         d_model=32, num_layers=1, num_heads=2, ffn_dim=48, max_seq_len=32, vocab_size=64,
         latent_dim=8, noise_dim=8, head_layers=2,
     )  # fmt: skip
-    model = CALM.from_autoencoder(cfg, ae)
-    torch.nn.init.normal_(model.head.final_layer.linears[-1].weight, std=0.5)
-    for p in model.autoencoder.parameters():
-        if p.dim() == 2:
-            torch.nn.init.normal_(p, std=0.3)
-    model.eval()
+    model = _spread_like_trained(CALM.from_autoencoder(cfg, ae))
     h, noise = _inputs(model, 2, 3)
     latents = torch.empty(2, 3, 8)
     chunks = fused_decode.head_decode(model.head, model.autoencoder, h, noise, latents=latents)
