@@ -56,16 +56,12 @@ def model_context_tokens(model) -> int:
     return int(c.max_seq_len)
 
 
-def _is_flat(data) -> bool:
-    """A token stream to cut into windows (not windows [N, T] already)."""
-    if hasattr(data, "tokens") and hasattr(data, "split"):
-        return True
-    return getattr(data, "ndim", None) == 1 or (not hasattr(data, "ndim") and np.asarray(data).ndim == 1)
-
-
-def _as_windows(data, block_size: int | None, max_tokens: int | None) -> torch.Tensor:
+def _as_windows(
+    data, block_size: int | None, max_tokens: int | None, default_block: int = DEFAULT_BLOCK_SIZE
+) -> torch.Tensor:
+    """Windows [N, T] of `data`; a flat stream is cut at ``block_size or default_block``."""
     if hasattr(data, "tokens") and hasattr(data, "split"):  # calm.data.TokenShards: read only what is used
-        return make_windows(data.tokens, block_size or DEFAULT_BLOCK_SIZE, max_tokens)
+        return make_windows(data.tokens, block_size or default_block, max_tokens)
     if not torch.is_tensor(data) and not isinstance(data, np.ndarray):
         data = np.asarray(data)
     if data.ndim == 2:
@@ -81,7 +77,7 @@ def _as_windows(data, block_size: int | None, max_tokens: int | None) -> torch.T
         return t.long()
     if data.ndim != 1:
         raise ValueError(f"expected a flat token stream or windows [N, T], got shape {tuple(data.shape)}")
-    return make_windows(data, block_size or DEFAULT_BLOCK_SIZE, max_tokens)
+    return make_windows(data, block_size or default_block, max_tokens)
 
 
 def check_block_size(model, block_size: int) -> None:
@@ -299,9 +295,8 @@ def evaluate_model(
         raise ValueError(f"cannot evaluate a model of kind {kind!r}")
     if collision not in COLLISION_ESTIMATORS:
         raise ValueError(f"collision must be one of {COLLISION_ESTIMATORS}, got {collision!r}")
-    if block_size is None and _is_flat(data):  # as `calm eval`: the default follows the model's context
-        block_size = min(DEFAULT_BLOCK_SIZE, model_context_tokens(model))
-    windows = _as_windows(data, block_size, max_tokens)
+    # as `calm eval`: a flat stream's default window follows the model's context
+    windows = _as_windows(data, block_size, max_tokens, min(DEFAULT_BLOCK_SIZE, model_context_tokens(model)))
     T = windows.shape[1]
     check_block_size(model, T)
     check_token_ids(windows, int(model.config.vocab_size), "evaluation data (the model's vocabulary)")

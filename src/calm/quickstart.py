@@ -310,7 +310,7 @@ def run_pipeline(
             "val_tokens": prep["splits"]["val"]["tokens"],
             "vocab_size": tok.vocab_size,
         },
-        "autoencoder": {"config": ae_cfg.to_dict(), "train": _jsonable(ae_summary), "reconstruction": recon},
+        "autoencoder": {"config": ae_cfg.to_dict(), "train": jsonable(ae_summary), "reconstruction": recon},
         "configs": {"calm": calm_cfg.to_dict(), "ar": ar_cfg.to_dict()},
         "flops": {
             k: {
@@ -331,10 +331,10 @@ def run_pipeline(
 
     write_report(summary, report_dir, {n: out / n for n in ("autoencoder", "calm", "ar")}, flops)
     summary["timings_s"]["total"] = time.perf_counter() - t_start
-    (report_dir / "summary.json").write_text(json.dumps(_jsonable(summary), indent=2))
+    (report_dir / "summary.json").write_text(json.dumps(jsonable(summary), indent=2))
     _log(f"done in {summary['timings_s']['total']:.0f}s; report: {report_dir / 'report.md'}")
     return summary
 
 
-def _jsonable(obj):
+def jsonable(obj):
     return json.loads(json.dumps(obj, default=lambda o: o if isinstance(o, (int, float, str)) else str(o)))

@@ -38,7 +38,7 @@ def add_quickstart_arguments(parser) -> None:
 
 
 def run_quickstart(args) -> int:
-    from calm.quickstart import _jsonable, run_pipeline
+    from calm.quickstart import jsonable, run_pipeline
 
     summary = run_pipeline(
         args.out or ("runs/quickstart-tiny" if args.tiny else "runs/quickstart"),
@@ -51,7 +51,7 @@ def run_quickstart(args) -> int:
         progress=not args.quiet,
     )
     if args.json:
-        print(json.dumps(_jsonable(summary)))
+        print(json.dumps(jsonable(summary)))
     else:
         sc = summary["scores"]
         print(
