@@ -337,4 +337,5 @@ def run_pipeline(
 
 
 def jsonable(obj):
+    """A JSON-ready copy of `obj` (values JSON cannot hold become strings)."""
     return json.loads(json.dumps(obj, default=lambda o: o if isinstance(o, (int, float, str)) else str(o)))
