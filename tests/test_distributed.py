@@ -213,3 +213,18 @@ def test_a_signal_on_one_rank_stops_every_rank_after_the_same_step(tmp_path):
 
     assert load_train_state(tmp_path / "run" / "checkpoint")["step"] == 3  # rank 0 saved that step
     assert max(r["step"] for r in read_metrics(tmp_path / "run")) == 3
+
+
+def test_resolve_device_is_the_one_device_rule():
+    """auto -> CPU here; a bad name or CUDA where there is none is a ValueError naming it
+    (the --device of eval, generate and serve, and training, all go through it)."""
+    from calm.distributed import resolve_device
+
+    expected_auto = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    assert resolve_device("auto") == expected_auto
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="'gpu0' is not a valid device"):
+        resolve_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available on this machine"):
+            resolve_device("cuda")

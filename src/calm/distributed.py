@@ -46,12 +46,20 @@ def _env_int(name: str, default: int) -> int:
 
 
 def resolve_device(device: str | torch.device | None = None, local_rank: int = 0) -> torch.device:
-    """``None``/``"auto"`` -> this process's CUDA device if there is one, else CPU."""
+    """The one device rule of the library (training, ``--device`` of every command).
+
+    ``None``/``"auto"`` -> this process's CUDA device if there is one, else CPU; a name that is
+    not a device, or CUDA asked for where there is none, is a ValueError naming it."""
     if device is None or str(device) == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", local_rank % torch.cuda.device_count())
         return torch.device("cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"--device {device!r} is not a valid device: {err}") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
     return device

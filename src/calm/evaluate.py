@@ -492,14 +492,6 @@ def load_eval_tokens(
 # Command line
 
 
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available here")
-    return device
-
 
 def _num(x: float, digits: int = 4) -> str:
     """Fixed-point for ordinary values, scientific for the tiny ones an untrained model gets."""

@@ -111,8 +111,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     """`calm eval`: returns the exit status (bad input raises ValueError with a readable message)."""
     from calm.checkpoint import load_model
+    from calm.distributed import resolve_device
     from calm.evaluate import (
-        _resolve_device,
         check_block_size,
         evaluate_model,
         format_result,
@@ -130,7 +130,7 @@ def run_eval(args: argparse.Namespace) -> int:
             from calm.data import DataError
 
             raise DataError(f"evaluation data not found: {p}")
-    device = _resolve_device(args.device)
+    device = resolve_device(args.device)
     model = load_model(path, device=device, ae_path=args.ae, verify=not args.no_verify)
     apply_head_sampling(model, args)
     kind = model.config.kind

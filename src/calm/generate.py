@@ -157,28 +157,16 @@ class TextStream:
         return new
 
 
-def _device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise ValueError(f"--device {name!r} is not a valid device: {err}") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine")
-    return device
-
 
 def run_generate(args) -> int:
     import torch
 
     from calm.checkpoint import load_model
+    from calm.distributed import resolve_device
     from calm.generation import GenerationError, generate
 
     prompts = read_prompts(args)
-    device = _device(args.device)
+    device = resolve_device(args.device)
     model = load_model(args.model, device=device, ae_path=args.ae, verify=not args.no_verify)
     if args.dtype == "bfloat16":
         model = model.to(torch.bfloat16)

@@ -84,14 +84,14 @@ def run_serve(args) -> int:
     import torch
 
     from calm.checkpoint import load_model
-    from calm.generate import _device
+    from calm.distributed import resolve_device
     from calm.serve.engine import Engine
 
     if args.max_rows < 1 or args.max_queue < 0:
         raise ValueError(
             f"--max-rows must be >= 1 and --max-queue >= 0, got {args.max_rows}, {args.max_queue}"
         )
-    device = _device(args.device)
+    device = resolve_device(args.device)
     model = load_model(args.model, device=device, ae_path=args.ae, verify=not args.no_verify)
     kind = getattr(model.config, "kind", None)
     if kind not in ("calm", "ar"):
