@@ -11,14 +11,15 @@ the temperature rule (DESIGN §2.4, `calm.sampling`) and the decoder (`calm.deco
   previous step needed, so a flat model draws its bound in one call.
 * ``sampler="approx"``: ``num_samples`` head samples, `calm.sampling.sample_approx`.
 
-There is no cheap "noise temperature": scaling the energy head's input noise changes nothing,
-because the head LayerNorms the noise projection (``norm_noise``), which cancels any scale
-(benchmarks/bench_sampler_curves.py measured identical samples from scale 1 down to 0.1).
+There is no cheap "noise temperature": scaling the energy head's input noise (which acts through
+the noise projection's bias, before ``norm_noise``) traces the exact sampler's accuracy-diversity
+curve only down to a scale of about 0.3 and collapses diversity below it
+(benchmarks/bench_sampler_curves.py, docs/sampler_curves.png), so it is not offered.
 
 Both temperature samplers only compare chunks for equality. On the CPU their draws are
-therefore told apart by `calm.decoding.DrawClasses`, which decodes a draw's token positions
-only as far as other draws of the same row share its prefix; the chosen chunk is decoded in
-full. On other devices every draw is decoded in full in one batched call (no host round trip
+therefore told apart by `calm.decoding.DrawClasses`, which decodes a draw's first token, and
+the rest of its chunk only if another draw of the row shares that token; the chosen chunk is
+decoded in full. On other devices every draw is decoded in full in one batched call (no host round trip
 per position). Either way the result is the same chunk.
 
 Randomness comes from the rows' counter-based streams (`calm.rng.RowRandom`): a row's head

@@ -493,7 +493,7 @@ def generate(
             CALM's T = 1 head + decoder + argmax (on CUDA, mode "reduce-overhead": CUDA graphs).
             The first call with new shapes compiles (tens of seconds on a CPU); later calls with
             the same shapes reuse the graphs. Finished rows stay in the batch (static shapes).
-        lazy_draws: CALM at T < 1: tell draws apart position by position (`calm.decoding.DrawClasses`;
+        lazy_draws: CALM at T < 1: tell draws apart by their first tokens (`calm.decoding.DrawClasses`;
             the same chunks, less decoding). None (default): on the CPU; False: decode every draw
             in full (e.g. to measure what the lazy decoding saves).
         profile: time the phases of a step (in stats.phases; synchronises CUDA).
