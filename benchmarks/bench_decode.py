@@ -53,6 +53,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from calm.config import ARConfig, CALMConfig, preset
 from calm.flops import flops_report
@@ -105,6 +106,39 @@ def predicted(calm_cfg: CALMConfig, ar_cfg: ARConfig, context_tokens: int, sampl
     ar = flops_report(ar_cfg, context=context_tokens)["inference_flops_per_token"]
     calm = flops_report(calm_cfg, context=-(-context_tokens // K), inference_samples=samples)
     return ar / calm["inference_flops_per_token"]
+
+
+def draw_macs(calm: CALM) -> int | None:
+    """Multiply-adds of one energy-head sample and of its decoding up to the first token's final
+    hidden state (the vocabulary projection left out): the least every draw of the temperature
+    samplers costs. None for heads other than the energy head."""
+    head, ae = calm.head, calm.autoencoder
+    if getattr(head, "name", None) != "energy":
+        return None
+
+    def macs(*modules) -> int:
+        return sum(m.in_features * m.out_features for mod in modules for m in mod.modules() if isinstance(m, nn.Linear))
+
+    per_sample = macs(head) - macs(head.hidden_embd)  # h' is computed once per row
+    per_sample -= sum(b.linears[0].out_features * head.d_model for b in head.blocks)  # the h-half of each block
+    decode = macs(ae.from_latent, *ae.decoder_pre, *ae.decoder_post) + macs(ae.expand) // ae.config.chunk_size
+    return per_sample + decode
+
+
+def matmul_gflops(rows: int, dim: int, dtype: torch.dtype, device: str) -> float:
+    """This machine's best rate (of 20 runs) for a [rows, dim] x [dim, dim] matmul, GFLOP/s."""
+    a = torch.randn(rows, dim, dtype=dtype, device=device)
+    w = torch.randn(dim, dim, dtype=dtype, device=device)
+    best = float("inf")
+    for _ in range(25):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        a @ w
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    return 2 * rows * dim * dim / best / 1e9
 
 
 def timed_run(model, prompts, new_tokens: int, mode: str) -> dict:
@@ -180,6 +214,22 @@ def measure(name: str, batch: int, args) -> dict:
         r["ratio"] = r["tokens_per_s"] / base["tokens_per_s"]
         r["ratio_cpu"] = r["tokens_per_cpu_s"] / base["tokens_per_cpu_s"]
         r["predicted"] = predicted(calm.config, ar.config, context, samples)
+    # Ceiling: the ratio if the mode's draws cost only their matmuls at this machine's measured
+    # matmul rate, on top of the fastest CALM backbone step measured here (no Python, no
+    # elementwise work, no vocabulary projection): an upper bound on what any implementation of
+    # this sampler in this dtype could reach on this machine with these models.
+    macs = draw_macs(calm)
+    backbones = [m["phase_ms_per_step"].get("backbone") for k, m in res["modes"].items() if not k.startswith("ar")]
+    backbones = [b for b in backbones if b]
+    if macs and backbones and "ar" in res["modes"]:
+        rate = matmul_gflops(200 * batch, calm.config.d_model, next(calm.parameters()).dtype, args.device)
+        res["matmul_gflops"], res["draw_macs"] = rate, macs
+        for mode, r in res["modes"].items():
+            if mode.startswith("ar"):
+                continue
+            floor_ms = min(backbones) + 2e3 * batch * r["draws_per_row_step"] * macs / (rate * 1e9)
+            tokens_per_s = batch * calm.config.chunk_size / (floor_ms / 1e3)
+            r["ceiling"] = tokens_per_s / res["modes"]["ar"]["tokens_per_s"]
     res["configs"] = {"calm": calm.config.to_dict(), "ar": ar.config.to_dict()}
     return res
 
@@ -200,11 +250,14 @@ def markdown(results: list[dict], meta: dict) -> str:
         "predicted = AR ÷ CALM inference FLOPs per token (`calm.flops`, mean context prompt + new/2; "
         "as many decoded samples per step as the mode drew on average). Head samples and vocabulary "
         "rows (token positions decoded) are per generated chunk and row; bound = share of row-steps "
-        "where the exact sampler reached its 200 draws and used the approximation.",
+        "where the exact sampler reached its 200 draws and used the approximation. Ceiling = the ratio "
+        "if every head sample cost only its matmuls (energy head + decoder to the first token, no "
+        "vocabulary projection) at this machine's best measured matmul rate, on top of the fastest "
+        "CALM backbone step measured: an upper bound for any implementation of the mode here.",
         "",
-        "| setting | batch | mode | tok/s | AR tok/s | ratio (wall) | ratio (CPU) | predicted | head samples / chunk "
+        "| setting | batch | mode | tok/s | AR tok/s | ratio (wall) | ratio (CPU) | predicted | ceiling | head samples / chunk "
         "| vocab rows / chunk | bound |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         for mode, m in r["modes"].items():
@@ -215,8 +268,14 @@ def markdown(results: list[dict], meta: dict) -> str:
                 f"| {r['setting']} | {r['batch']} | {mode} | {m['tokens_per_s']:,.0f} "
                 f"| {ar['tokens_per_s'] if ar else float('nan'):,.0f} | {m.get('ratio', float('nan')):.2f} "
                 f"| {m.get('ratio_cpu', float('nan')):.2f} | {m.get('predicted', float('nan')):.3g} "
-                f"| {m['draws_per_row_step']:.1f} | {m['positions_per_row_step']:.1f} "
+                f"| {m.get('ceiling', float('nan')):.2f} | {m['draws_per_row_step']:.1f} | {m['positions_per_row_step']:.1f} "
                 f"| {100 * m['exact_hit_limit_per_row_step']:.0f}% |"
+            )
+    for r in results:
+        if "matmul_gflops" in r:
+            lines.append(
+                f"\nBatch {r['batch']}: {r['draw_macs']:,} multiply-adds per head sample; matmul rate "
+                f"{r['matmul_gflops']:.0f} GFLOP/s ([{200 * r['batch']}, d] x [d, d])."
             )
     lines += [
         "",
