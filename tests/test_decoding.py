@@ -43,6 +43,10 @@ def test_decode_equals_the_autoencoder_reference(screen):
     shared = dec.shared(z)
     by_position = torch.stack([dec.tokens_at(shared, k) for k in range(4)], -1)
     assert torch.equal(by_position, ref)
+    # several positions in one pass (DrawClasses decodes the rest of a few chunks at once)
+    assert torch.equal(dec.tokens_from(shared, 0), ref)
+    assert torch.equal(dec.tokens_from(shared, 1), ref[:, 1:])
+    assert torch.equal(dec.tokens_from(shared, 1, 3), ref[:, 1:3])
     h, noise = torch.randn(3, 32), torch.rand(3, 5, 6) - 0.5
     assert torch.equal(dec.sample(h, noise), model.autoencoder.decode(model.head(h, noise)))
 
@@ -180,3 +184,14 @@ def test_calm_exact_sampler_follows_the_tempered_distribution(temperature):
     assert stat < chi2.ppf(0.999, dof), (stat, dof)
     # and it is not P itself: tempering concentrates mass on the likeliest chunk
     assert observed.max() / 4000 > p.max() + 0.05
+
+
+def test_screen_is_chosen_per_call_by_its_size():
+    """The bf16 screen has a fixed cost: it is used only where a call's rows x V x d repay it."""
+    from calm.decoding import _fast_bf16, screen_pays
+
+    W = torch.randn(4096, 128)
+    assert not screen_pays(W, 1) and not screen_pays(W, 32)  # 2^24 multiply-adds or fewer
+    assert screen_pays(W, 64) == _fast_bf16(W.device)  # 2^25: where bf16 matrix units exist
+    assert not screen_pays(torch.randn(1024, 64), 4096)  # a small matrix never
+    assert not screen_pays(W.double(), 4096)  # float32 only
