@@ -100,7 +100,7 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
 
 def read_prompts(args) -> list[str]:
     """The prompts from --prompt and --prompt-file, in that order."""
-    from calm.generation import GenerationError
+    from calm.generation_inputs import GenerationError
 
     prompts = list(args.prompt or [])
     if args.prompt_file:
@@ -183,7 +183,7 @@ def run_generate(args) -> int:
     for i, p in enumerate(ids):
         if not p:
             raise GenerationError(f"prompt {i} encodes to no tokens")
-    from calm.generation import check_temperature
+    from calm.generation_inputs import check_temperature
 
     check_temperature(args.temperature, kind)
 

@@ -4,19 +4,8 @@
 kinds; `CALM.generate` and `TokenTransformer.generate` delegate here.
 
 Batches of prompts of different lengths
-    Prompts are **left-padded** to a common length so that every row's next element is
-    produced at the same slot. Pad slots are invisible: they are marked invalid (``valid``),
-    never attended to by real positions, and each row gets its own position ids, so its first
-    real element sits at position 0 whatever the padding (`calm.models.transformer`). No pad is
-    ever inside a row's context.
-
-    CALM consumes chunks of K tokens. A prompt of L tokens becomes ceil(L/K) chunks; if L is not
-    a multiple of K, the *first* chunk is partial: it is left-padded with pad tokens whose
-    embeddings `CALM.chunk_inputs` zeroes (``token_valid``), so it carries its real tokens only,
-    and the prompt's last chunk is complete, so generation continues right after the prompt's
-    last token. Shorter prompts are further left-padded with whole pad chunks, which are invalid
-    backbone slots like the AR pads. A padded row thus computes exactly what the same prompt run
-    alone computes (tests/test_generation.py checks the hidden states and the continuations).
+    Prompts are **left-padded** to a common length, invisibly: a padded row computes exactly
+    what the same prompt run alone computes (`calm.generation_inputs` says how).
 
 Randomness: batched generation == one-by-one generation
     Every row draws its noise (the CALM head's noise, the AR sampler's uniforms, the CALM
@@ -57,19 +46,39 @@ Decoding: one decoder per model (`calm.decoding.ChunkDecoder`, the autoencoder d
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 import torch
 
-from calm import fused_decode
 from calm.calm_sampler import SAMPLERS, ChunkSampler
+from calm.decode_steps import (
+    _COMPILED,  # noqa: F401 (re-exported)
+    AR_CHOICE_STREAM,
+    _ar_advance,
+    _ar_choice,
+    _calm_advance,
+    _compiled,
+)
 from calm.decoding import tied_argmax
 from calm.fast_decode import ChunkInputTable
+from calm.generation_bookkeeping import GenerationStats, _Rows, _Timer
+from calm.generation_inputs import (
+    _DEFAULT,
+    GenerationError,
+    _as_prompts,
+    _check_prompts,
+    _fused_kernel,
+    _model_kind,
+    _positions,
+    _row_seeds,
+    _special_id,
+    check_lengths,
+    check_temperature,
+    prepare_prompts,
+)
 from calm.rng import NoiseBlocks, RowRandom
-from calm.sampling import inverse_cdf_choice, sample_approx, split_inverse_temperature
+from calm.sampling import sample_approx
 
 __all__ = [
     "GenerationError",
@@ -82,14 +91,6 @@ __all__ = [
     "prepare_prompts",
     "tied_argmax",
 ]
-
-_DEFAULT = object()  # "take it from the model / tokenizer"
-AR_CHOICE_STREAM = 1  # RowRandom purpose of the AR sampler's uniforms (fixed: a seed gives the same text)
-
-
-class GenerationError(ValueError):
-    """Bad arguments to `generate` (the message says which and why)."""
-
 
 # ---------------------------------------------------------------------------------------------
 # Choosing among candidates
@@ -105,327 +106,7 @@ def choose_approx(candidates: torch.Tensor, temperature: float, uniforms: torch.
 
 
 # ---------------------------------------------------------------------------------------------
-# Argument checks
-
-
-def check_temperature(temperature: float, kind: str) -> float:
-    """Validate a temperature for a model kind ("calm" or "ar"); returns it as a float."""
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        try:
-            temperature = float(temperature)
-        except (TypeError, ValueError) as err:
-            raise GenerationError(f"temperature must be a number, got {temperature!r}") from err
-    t = float(temperature)
-    if math.isnan(t):
-        raise GenerationError("temperature is NaN")
-    if t <= 0:
-        raise GenerationError(
-            f"temperature must be > 0, got {t:g} (for near-greedy decoding use a small positive value"
-            + (", e.g. 0.1 with the approx sampler)" if kind == "calm" else ", e.g. 1e-3)")
-        )
-    if kind == "calm" and t > 1:
-        raise GenerationError(
-            f"temperature {t:g} > 1 is impossible for CALM: it has no logits, only a sampler of P. "
-            "Sampling P(x)^(1/T)/Z with T > 1 flattens P, and that needs the probabilities P(x) "
-            "themselves; draws from P can only sharpen it, by rewarding agreement between draws "
-            "(T = 1/n: n identical draws). Use 0 < T <= 1."
-        )
-    if kind == "calm":
-        try:
-            split_inverse_temperature(t)
-        except (ValueError, TypeError) as err:
-            raise GenerationError(str(err)) from err
-    return t
-
-
-def check_lengths(prompt_lengths: Sequence[int], max_new_tokens: int, chunk_size: int, context: int) -> None:
-    """GenerationError unless every prompt and its continuation fit the backbone's `context`
-    (positions: chunks of `chunk_size` tokens for CALM, tokens for AR). The error's ``param``
-    says what to change: "prompt" (longer than the context) or "max_new_tokens"."""
-    K = chunk_size
-    steps = -(-max_new_tokens // K)
-    unit = f"chunks of {K} tokens" if K > 1 else "tokens"
-    for i, length in enumerate(prompt_lengths):
-        n = -(-length // K)
-        if n > context:
-            err = GenerationError(
-                f"prompt {i} has {length} tokens ({n} {unit}), longer than the model's context of "
-                f"{context} {unit} ({context * K} tokens)"
-            )
-            err.param = "prompt"
-            raise err
-        if n + steps - 1 > context:
-            room = (context - n + 1) * K
-            err = GenerationError(
-                f"prompt {i} ({length} tokens) + max_new_tokens={max_new_tokens} exceeds the model's context "
-                f"of {context * K} tokens ({context} {unit}); use max_new_tokens <= {room} or a shorter prompt"
-            )
-            err.param = "max_new_tokens"
-            raise err
-
-
-def _as_prompts(input_ids) -> list[list[int]]:
-    if isinstance(input_ids, torch.Tensor):
-        if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
-            raise GenerationError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
-        if input_ids.dim() == 1:
-            input_ids = input_ids.unsqueeze(0)
-        if input_ids.dim() != 2:
-            raise GenerationError(f"input_ids must be [B, T] or [T], got shape {tuple(input_ids.shape)}")
-        return input_ids.tolist()
-    if isinstance(input_ids, (str, bytes)):
-        raise GenerationError("input_ids must be token ids, not text: encode it with model.tokenizer.encode")
-    try:
-        prompts = list(input_ids)
-    except TypeError as err:
-        raise GenerationError(
-            f"input_ids must be a list of token lists or a LongTensor, got {input_ids!r}"
-        ) from err
-    if prompts and all(isinstance(t, int) and not isinstance(t, bool) for t in prompts):
-        return [prompts]  # a single prompt
-    out = []
-    for i, p in enumerate(prompts):
-        if isinstance(p, torch.Tensor):
-            p = p.tolist()
-        if isinstance(p, (str, bytes)) or not hasattr(p, "__iter__"):
-            raise GenerationError(f"prompt {i} must be a list of token ids, got {type(p).__name__}")
-        p = list(p)
-        if not all(isinstance(t, int) and not isinstance(t, bool) for t in p):
-            raise GenerationError(f"prompt {i} must contain integer token ids")
-        out.append(p)
-    return out
-
-
-def _check_prompts(prompts: list[list[int]], vocab_size: int) -> None:
-    if not prompts:
-        raise GenerationError("no prompts given")
-    for i, p in enumerate(prompts):
-        if not p:
-            raise GenerationError(
-                f"prompt {i} is empty: give at least one token (e.g. the end-of-text id to start a fresh document)"
-            )
-        lo, hi = min(p), max(p)
-        if lo < 0 or hi >= vocab_size:
-            bad = lo if lo < 0 else hi
-            raise GenerationError(f"prompt {i} has token id {bad} outside the vocabulary [0, {vocab_size})")
-
-
-def prepare_prompts(
-    prompts: list[list[int]], pad_id: int, chunk_size: int = 1, device=None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad prompts to a common length that is a multiple of `chunk_size`.
-
-    Returns tokens [B, T] (pad_id in the padding) and token_valid [B, T] (False on pads).
-    T = chunk_size · max_b ceil(L_b / chunk_size).
-    """
-    K = chunk_size
-    width = K * max(-(-len(p) // K) for p in prompts)
-    tokens = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    for b, p in enumerate(prompts):
-        tokens[b, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-    lengths = torch.tensor([len(p) for p in prompts])
-    token_valid = torch.arange(width).unsqueeze(0) >= (width - lengths).unsqueeze(1)
-    return tokens.to(device), token_valid.to(device)
-
-
-def _positions(valid: torch.Tensor) -> torch.Tensor:
-    """Per-row position ids for a left-padded validity mask: first real element at 0."""
-    return (valid.long().cumsum(1) - 1).clamp_(min=0)
-
-
-def _row_seeds(seed, generator: torch.Generator | None, B: int) -> list[int]:
-    if seed is not None and generator is not None:
-        raise GenerationError("give either seed or generator, not both")
-    if generator is not None:
-        return torch.randint(0, 2**62, (B,), generator=generator, device=generator.device).tolist()
-    if seed is None:
-        return torch.randint(0, 2**62, (B,)).tolist()  # from torch's global RNG (torch.manual_seed)
-    if isinstance(seed, bool):
-        raise GenerationError(f"seed must be an integer or a list of integers, got {seed!r}")
-    if isinstance(seed, int):
-        return [seed + b for b in range(B)]
-    seeds = list(seed)
-    if len(seeds) != B or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
-        raise GenerationError(
-            f"seed must be an integer or a list of {B} integers (one per prompt), got {seed!r}"
-        )
-    return seeds
-
-
-# ---------------------------------------------------------------------------------------------
-# Results
-
-
-@dataclass
-class GenerationStats:
-    """What a `generate` call did. Times are seconds (wall clock)."""
-
-    kind: str
-    batch_size: int
-    steps: int = 0  # decoding steps (tokens for AR, chunks for CALM) after the prompt
-    prompt_tokens: list[int] = field(default_factory=list)
-    new_tokens: list[int] = field(default_factory=list)
-    finished_by_eos: list[bool] = field(default_factory=list)
-    time_s: float = 0.0
-    prefill_s: float = 0.0
-    sampler: str | None = None
-    temperature: float = 1.0
-    num_candidates: int | None = None
-    draws: int = 0  # CALM: head samples decoded (all rows, all steps)
-    exact_hit_limit: int = 0  # CALM exact sampler: rows x steps that hit max_draws (fallback used)
-    decoded_positions: int = 0  # CALM: token positions decoded = vocabulary rows scored (all rows, steps)
-    fused_draws: int = 0  # CALM: of `draws`, those decoded by the compiled kernel (calm.fused_decode)
-    phases: dict[str, float] = field(default_factory=dict)  # with profile=True: time per phase
-
-    @property
-    def total_new_tokens(self) -> int:
-        return sum(self.new_tokens)
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.total_new_tokens / self.time_s if self.time_s > 0 else float("nan")
-
-    @property
-    def draws_per_row_step(self) -> float:
-        """CALM: mean head samples decoded per row and step."""
-        return self.draws / max(1, self.steps * self.batch_size)
-
-    def to_dict(self) -> dict:
-        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
-        d["total_new_tokens"] = self.total_new_tokens
-        d["tokens_per_s"] = self.tokens_per_s
-        d["draws_per_row_step"] = self.draws_per_row_step
-        return d
-
-
-class _Timer:
-    """Accumulates wall time per phase when profiling (synchronising CUDA), else does nothing."""
-
-    def __init__(self, enabled: bool, device: torch.device):
-        self.enabled = enabled
-        self.cuda = device.type == "cuda"
-        self.phases: dict[str, float] = {}
-        self._t = 0.0
-
-    def start(self) -> None:
-        if self.enabled:
-            if self.cuda:
-                torch.cuda.synchronize()
-            self._t = time.perf_counter()
-
-    def lap(self, name: str) -> None:
-        if self.enabled:
-            if self.cuda:
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            self.phases[name] = self.phases.get(name, 0.0) + t - self._t
-            self._t = t
-
-
-class _Rows:
-    """Output buffer, end-of-text bookkeeping, streaming, and dropping finished rows."""
-
-    def __init__(self, B: int, width: int, max_new: int, eos_id: int | None, stream, device, pad_id: int):
-        self.out = torch.full((B, width), pad_id, dtype=torch.long, device=device)
-        self.max_new = max_new
-        self.eos_id = eos_id
-        self.stream = stream
-        self.active = torch.arange(B, device=device)  # original index of each batch row
-        self.active_list = list(range(B))
-        self.all_rows = True  # no row dropped yet: write with a plain slice
-        self.done = torch.zeros(B, dtype=torch.bool, device=device)  # over the current rows
-        self.filled = 0
-        self.streamed_done = [False] * B  # per original row: its end has been streamed
-
-    def push(self, tokens: torch.Tensor) -> torch.Tensor | None:
-        """Record new tokens [b, k] of the current rows. Returns the rows to keep when some rows
-        have just finished (or None); all finished -> an empty tensor."""
-        k = tokens.shape[1]
-        start = self.filled
-        if self.all_rows:
-            self.out[:, start : start + k] = tokens
-        else:
-            self.out[self.active, start : start + k] = tokens
-        self.filled += k
-        if self.stream is not None:
-            self._stream(tokens, start)
-        if self.eos_id is None:
-            return None
-        self.done |= (tokens == self.eos_id).any(1)
-        if not bool(self.done.any()):
-            return None
-        return (~self.done).nonzero().squeeze(1)
-
-    def _stream(self, tokens: torch.Tensor, start: int) -> None:
-        room = self.max_new - start
-        if room <= 0:
-            return
-        for row, piece in zip(self.active_list, tokens[:, :room].tolist()):
-            if self.streamed_done[row]:
-                continue
-            if self.eos_id is not None and self.eos_id in piece:
-                piece = piece[: piece.index(self.eos_id) + 1]
-                self.streamed_done[row] = True
-            self.stream(row, piece)
-
-    def select(self, keep: torch.Tensor) -> None:
-        self.active = self.active[keep]
-        self.all_rows = False
-        self.done = self.done[keep]
-        self.active_list = self.active.tolist()
-
-    def results(self) -> tuple[list[list[int]], list[bool]]:
-        rows = self.out[:, : self.filled].tolist()
-        out, by_eos = [], []
-        for r in rows:
-            r = r[: self.max_new]
-            stop = r.index(self.eos_id) + 1 if self.eos_id is not None and self.eos_id in r else None
-            out.append(r[:stop] if stop else r)
-            by_eos.append(stop is not None)
-        return out, by_eos
-
-
-# ---------------------------------------------------------------------------------------------
 # generate()
-
-
-def _fused_kernel(choice, model) -> fused_decode.FusedHeadDecoder | None:
-    """The `calm.fused_decode` kernel for CALM's small decoding steps, or None (see `generate`)."""
-    if choice is False or _model_kind(model) != "calm":
-        return None
-    if choice not in (None, True):
-        raise GenerationError(f"fused_kernel must be None, True or False, got {choice!r}")
-    kernel, reason = None, None
-    try:
-        kernel = fused_decode.kernel_for(model.head, model.autoencoder)
-    except fused_decode.KernelUnavailable as e:
-        reason = str(e)
-    if reason is not None and choice:
-        raise GenerationError(f"fused_kernel=True but the fused decode kernel cannot be used: {reason}")
-    return kernel
-
-
-def _model_kind(model) -> str:
-    kind = getattr(getattr(model, "config", None), "kind", None)
-    if kind not in ("calm", "ar"):
-        raise GenerationError(
-            f"generate needs a CALM or token-level (ar) model, got {type(model).__name__}"
-            + (f" of kind {kind!r}" if kind else "")
-            + (" (an autoencoder reconstructs chunks; it does not generate)" if kind == "autoencoder" else "")
-        )
-    return kind
-
-
-def _special_id(model, name: str, value):
-    if value is not _DEFAULT:
-        return None if value is None else int(value)
-    tok = getattr(model, "tokenizer", None)
-    if tok is not None and getattr(tok, name, None) is not None:
-        return int(getattr(tok, name))
-    ae = getattr(model.config, "autoencoder", None) or {}
-    if name in ae:
-        return int(ae[name])
-    return None
 
 
 @torch.inference_mode()
@@ -618,46 +299,6 @@ def _decode_loop(h, pos, steps, sample, advance, rows, row_state, drop_finished,
         h = advance(out, pos)
         pos += 1
         timer.lap("backbone")
-
-
-# ---------------------------------------------------------------------------------------------
-# Decoding steps, as plain functions of their inputs (so that one torch.compile serves every
-# call with the same shapes: `_compiled`)
-
-
-def _ar_advance(model, cache, tokens, pos):
-    return model.backbone(model.embed(tokens), positions=pos, cache=cache)[:, -1]
-
-
-def _ar_choice(model, h, uniforms, inv_t: float):
-    from calm.sampling import temper_logits
-
-    logits = model.lm_head(h).float()
-    if inv_t != 1.0:
-        logits = temper_logits(logits, inv_t)  # T -> 0 is greedy, never NaN
-    return inverse_cdf_choice(logits, uniforms).unsqueeze(1)  # [B, 1]
-
-
-def _calm_advance(model, table, cache, chunk, pos):
-    chunk = chunk.unsqueeze(1)  # [b, 1, K]
-    x = model.chunk_inputs(chunk) if table is None else table(chunk)
-    return model.backbone(x, positions=pos, cache=cache)[:, -1]
-
-
-_COMPILED: dict = {}
-
-
-def _compiled(fn, device: torch.device | None = None):
-    """``torch.compile(fn, fullgraph=True, dynamic=False)``, one per function for the process:
-    its graphs are reused by every call with the same shapes (they are guarded, not rebuilt).
-    On CUDA with mode "reduce-overhead" (CUDA graphs: one launch per step at small batch)."""
-    cuda = device is not None and device.type == "cuda"
-    key = (fn, cuda)
-    if key not in _COMPILED:
-        _COMPILED[key] = torch.compile(
-            fn, fullgraph=True, dynamic=False, mode="reduce-overhead" if cuda else None
-        )
-    return _COMPILED[key]
 
 
 def _generate_ar(

@@ -22,7 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from calm.generation import GenerationError, check_lengths, check_temperature
+from calm.generation_inputs import GenerationError, check_lengths, check_temperature
 from calm.serve.engine import Engine, EngineStopped, Event, Sampling, Sequence
 from calm.serve.schema import (
     ApiError,
