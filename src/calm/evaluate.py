@@ -19,33 +19,30 @@ Every result states the block size, the position rule and the context lengths.
 
 `evaluate_model` is the Python entry point (used by the quickstart); `brier_eval_fn` makes the
 ``eval_fn(model, step)`` hook of `calm.train.train`, so training logs BrierLM next to the
-validation cross-entropy.
+validation cross-entropy. Reading the data and cutting it into windows is `calm.eval_data`; the
+result record and its text are `calm.eval_result` (both re-exported here).
 """
 
 from __future__ import annotations
 
-import math
-import os
 import sys
 import time
-import warnings
-from collections.abc import Callable, Iterable
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 
 from calm.brier import COLLISION_ESTIMATORS, DEFAULT_MAX_CACHE_BYTES, NGRAM, window_scores
 from calm.data import check_token_ids, make_windows
+from calm.eval_data import DEFAULT_BLOCK_SIZE, _as_windows, _is_prepared, load_eval_tokens  # noqa: F401 - re-exported
+from calm.eval_result import _brier_lm_se, _num, _result, _Stats, format_result  # noqa: F401 - re-exported
 from calm.metrics import BrierAccumulator
 
-DEFAULT_BLOCK_SIZE = 256
 DEFAULT_BATCH_SIZE = 8
 
 
 # ---------------------------------------------------------------------------------------------
-# Windows
+# Block sizes a model can be scored at
 
 
 def model_context_tokens(model) -> int:
@@ -54,30 +51,6 @@ def model_context_tokens(model) -> int:
     if c.kind == "calm":
         return int(c.max_seq_len) * int(c.chunk_size)
     return int(c.max_seq_len)
-
-
-def _as_windows(
-    data, block_size: int | None, max_tokens: int | None, default_block: int = DEFAULT_BLOCK_SIZE
-) -> torch.Tensor:
-    """Windows [N, T] of `data`; a flat stream is cut at ``block_size or default_block``."""
-    if hasattr(data, "tokens") and hasattr(data, "split"):  # calm.data.TokenShards: read only what is used
-        return make_windows(data.tokens, block_size or default_block, max_tokens)
-    if not torch.is_tensor(data) and not isinstance(data, np.ndarray):
-        data = np.asarray(data)
-    if data.ndim == 2:
-        t = data if torch.is_tensor(data) else torch.from_numpy(np.asarray(data).astype(np.int64))
-        if block_size is not None and block_size != t.shape[1]:
-            raise ValueError(f"windows have {t.shape[1]} tokens but block_size={block_size} was asked for")
-        if max_tokens is not None:
-            t = t[: int(max_tokens) // t.shape[1]]
-        if len(t) == 0:
-            raise ValueError(
-                "no windows to evaluate" + (f" within max_tokens={max_tokens}" if max_tokens else "")
-            )
-        return t.long()
-    if data.ndim != 1:
-        raise ValueError(f"expected a flat token stream or windows [N, T], got shape {tuple(data.shape)}")
-    return make_windows(data, block_size or default_block, max_tokens)
 
 
 def check_block_size(model, block_size: int) -> None:
@@ -103,29 +76,6 @@ def check_block_size(model, block_size: int) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Scoring
-
-
-class _Stats:
-    """What a scoring pass accumulates besides the Brier sums (additive across workers)."""
-
-    def __init__(self):
-        self.windows = 0
-        self.positions = 0
-        self.context_sum = 0.0
-        self.context_min = math.inf
-        self.context_max = 0
-        self.nll_sum = 0.0
-        self.nll_count = 0
-
-    def add(self, scores, n_windows: int) -> None:
-        ctx = scores.context
-        self.windows += n_windows
-        self.positions += n_windows * len(ctx)
-        self.context_sum += n_windows * float(ctx.double().sum())
-        self.context_min = min(self.context_min, int(ctx.min()))
-        self.context_max = max(self.context_max, int(ctx.max()))
-        self.nll_sum += scores.nll_sum
-        self.nll_count += scores.nll_count
 
 
 def _score(
@@ -177,79 +127,6 @@ def _score(
         bar.close()
         model.train(was_training)
     return acc, stats
-
-
-def _brier_lm_se(acc: BrierAccumulator) -> float | None:
-    """Delta-method standard error of BrierLM (None unless every mean Brier-n is > 0)."""
-    mu, cov = acc.means(), acc.covariance()
-    if not bool((mu > 0).all()) or bool((acc.counts < 2).any()):
-        return None
-    var_log = float((cov / (mu[:, None] * mu[None, :])).sum()) / len(mu) ** 2
-    return float(acc.brier_lm()) * math.sqrt(max(var_log, 0.0))
-
-
-def _result(
-    model,
-    acc: BrierAccumulator,
-    stats: _Stats,
-    *,
-    block_size: int,
-    seed: int,
-    ar_stride: int,
-    collision: str,
-    level: float,
-    seconds: float,
-) -> dict[str, Any]:
-    c = model.config
-    out: dict[str, Any] = {"kind": c.kind, "block_size": block_size}
-    if c.kind == "calm":
-        out["chunk_size"] = int(c.chunk_size)
-        out["positions_rule"] = (
-            f"chunk-aligned: t = {c.chunk_size}, {2 * c.chunk_size}, ... <= {block_size - NGRAM}"
-        )
-        out["estimator"] = "two head samples per position, decoded by the frozen autoencoder (argmax)"
-        head = getattr(model, "head", None)
-        if hasattr(head, "describe"):
-            out["head"] = head.describe()
-    else:
-        out["positions_rule"] = (
-            f"every position t = 1 .. {block_size - NGRAM}"
-            if ar_stride == 1
-            else f"every {ar_stride}th position t = {ar_stride}, {2 * ar_stride}, ... <= {block_size - NGRAM}"
-        )
-        out["ar_stride"] = ar_stride
-        out["estimator"] = f"exact teacher-forced accuracy term, collision term '{collision}'"
-        out["collision"] = collision
-    out.update(
-        {
-            "windows": stats.windows,
-            "tokens": stats.windows * block_size,
-            "positions": stats.positions,
-            "context_tokens": {
-                "min": int(stats.context_min),
-                "max": int(stats.context_max),
-                "mean": stats.context_sum / max(stats.positions, 1),
-            },
-        }
-    )
-    summary = acc.summary(level)
-    for n in range(1, NGRAM + 1):
-        out[f"brier_{n}"] = summary[f"brier_{n}"]
-        out[f"brier_{n}_se"] = summary[f"brier_{n}_se"]
-    out["brier_lm"] = summary["brier_lm"]
-    out["brier_lm_se"] = _brier_lm_se(acc)
-    out["brier_lm_ci"] = summary.get("brier_lm_ci")
-    out["ci_level"] = level
-    if stats.nll_count:
-        ce = stats.nll_sum / stats.nll_count
-        out["ce"] = ce
-        out["ppl"] = math.exp(min(ce, 700.0))
-        out["ce_tokens"] = stats.nll_count
-    out["seed"] = seed
-    out["seconds"] = seconds
-    out["tokens_per_s"] = out["tokens"] / max(seconds, 1e-9)
-    out["positions_per_s"] = stats.positions / max(seconds, 1e-9)
-    return out
 
 
 def evaluate_model(
@@ -399,139 +276,6 @@ def brier_eval_fn(
         return out
 
     return eval_fn
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading evaluation data
-
-
-def _is_prepared(path: Path) -> bool:
-    from calm.data import META_FILE
-
-    return path.is_dir() and (path / META_FILE).is_file()
-
-
-def load_eval_tokens(
-    paths: Iterable[str | os.PathLike],
-    tokenizer=None,
-    *,
-    split: str = "val",
-    max_tokens: int | None = None,
-    text_field: str = "text",
-    doc_split: str = "auto",
-) -> tuple[torch.Tensor, dict[str, Any]]:
-    """A flat token stream from a prepared data directory (its ``split``) or from text/JSONL
-    files and directories (tokenized with ``tokenizer``, documents each followed by eot).
-
-    Returns (LongTensor [N], description). Stops reading once ``max_tokens`` are collected.
-    """
-    from calm.data import DataError, TokenShards, encode_documents, read_documents, resolve_inputs
-
-    paths = [Path(p) for p in paths]
-    if not paths:
-        raise DataError("no evaluation data given (--data PATH)")
-    for p in paths:
-        if not p.exists():
-            raise DataError(f"evaluation data not found: {p}")
-    prepared = [p for p in paths if _is_prepared(p)]
-    if prepared:
-        if len(paths) > 1:
-            raise DataError("give either one prepared data directory or text/JSONL files, not both / several")
-        shards = TokenShards(prepared[0], split)
-        n = len(shards) if max_tokens is None else min(len(shards), int(max_tokens))
-        tokens = torch.from_numpy(shards.read(0, n).astype(np.int64))
-        desc = {
-            "source": str(prepared[0]),
-            "format": "prepared",
-            "split": split,
-            "data_vocab_size": shards.vocab_size,
-        }
-        if tokenizer is not None:
-            try:
-                same = shards.tokenizer().to_str() == tokenizer.to_str()
-            except Exception:  # noqa: BLE001 - a data set without a readable tokenizer: cannot compare
-                same = None
-            desc["same_tokenizer"] = same
-            if same is False:
-                warnings.warn(
-                    f"{prepared[0]} was tokenized with a different tokenizer than the model's; "
-                    "the scores are only meaningful if the ids mean the same tokens",
-                    stacklevel=2,
-                )
-    else:
-        if tokenizer is None:
-            raise DataError(
-                "this checkpoint has no tokenizer, so text files cannot be tokenized; "
-                "give a prepared data directory (calm prepare) instead"
-            )
-        files = resolve_inputs(paths, "val")
-        docs_read = [0]
-
-        def documents():
-            for f in files:
-                for doc in read_documents(f, text_field=text_field, doc_split=doc_split):
-                    docs_read[0] += 1
-                    yield doc
-
-        ids, _ = encode_documents(tokenizer, documents(), max_tokens=max_tokens)
-        tokens = torch.from_numpy(ids)
-        docs = docs_read[0]
-        desc = {
-            "source": ", ".join(map(str, paths)),
-            "format": "text",
-            "files": len(files),
-            "documents": docs,
-        }
-    if tokens.numel() == 0:
-        raise DataError(f"no tokens to evaluate in {', '.join(map(str, paths))}")
-    desc["tokens_read"] = int(tokens.numel())
-    return tokens, desc
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line
-
-
-
-def _num(x: float, digits: int = 4) -> str:
-    """Fixed-point for ordinary values, scientific for the tiny ones an untrained model gets."""
-    return f"{x:.{digits}f}" if x == 0 or abs(x) >= 10 ** (1 - digits) else f"{x:.{digits - 1}e}"
-
-
-def format_result(result: dict[str, Any]) -> str:
-    """Human-readable report of an `evaluate_model` result (LM kinds)."""
-    kind = {"calm": f"CALM (K = {result.get('chunk_size')})", "ar": "token baseline"}[result["kind"]]
-    head = result.get("head")
-    if head and head.get("name") != "energy":
-        kind += f", {head['name']} head: " + ", ".join(
-            f"{k} {head[k]}" for k in ("steps", "solver", "evals_per_sample") if k in head
-        )
-    ctx = result["context_tokens"]
-    lines = [
-        f"{kind} on {result.get('data', {}).get('source', 'data')}",
-        f"  block size   {result['block_size']} tokens per window (each scored on its own); "
-        f"{result['windows']:,} windows = {result['tokens']:,} tokens",
-        f"  positions    {result['positions']:,} scored ({result['positions_rule']}); "
-        f"context {ctx['min']}..{ctx['max']} tokens, mean {ctx['mean']:.1f}",
-    ]
-    for n in range(1, NGRAM + 1):
-        lines.append(f"  Brier-{n}      {_num(result[f'brier_{n}'])} ± {_num(result[f'brier_{n}_se'])}")
-    bl = f"  BrierLM      {_num(result['brier_lm'], 3)}"
-    if result.get("brier_lm_se") is not None:
-        bl += f" ± {_num(result['brier_lm_se'], 3)}"
-    if result.get("brier_lm_ci"):
-        lo, hi = result["brier_lm_ci"]
-        bl += f"   ({100 * result['ci_level']:g}% CI {_num(lo, 3)} .. {_num(hi, 3)})"
-    lines.append(bl)
-    if "ce" in result:
-        lines.append(
-            f"  cross-entropy {result['ce']:.4f} nats/token, perplexity {result['ppl']:.2f} "
-            f"({result['ce_tokens']:,} predictions)"
-        )
-    lines.append(
-        f"  speed        {result['tokens_per_s']:,.0f} tokens/s ({result['seconds']:.1f} s, seed {result['seed']})"
-    )
-    return "\n".join(lines)
 
 
 __all__ = [
