@@ -243,6 +243,7 @@ def test_exception_mid_save_keeps_previous(tmp_path, monkeypatch):
 CRASH_SCRIPT = """
 import os, signal, sys, torch
 import calm.checkpoint as ck
+import calm.checkpoint_writing as writing  # the crashes are patched where the save looks them up
 from calm.config import AutoencoderConfig
 from calm.models.autoencoder import ChunkAutoencoder
 
@@ -252,14 +253,14 @@ def ae(seed):
     return ChunkAutoencoder(AutoencoderConfig(vocab_size=64, d_model=16, ffn_dim=32, latent_dim=8, mask_id=3))
 ck.save_checkpoint(path, ae(1))
 if mode == "mid-write":      # killed after the weights are written, before COMPLETE
-    ck._fsync_tree = lambda root: os.kill(os.getpid(), signal.SIGKILL)
+    writing._fsync_tree = lambda root: os.kill(os.getpid(), signal.SIGKILL)
 elif mode == "mid-swap":     # killed between 'old -> .old' and 'new -> path'
     real = os.rename
     def rename(a, b):
         real(a, b)
         if ".old-" in str(b):
             os.kill(os.getpid(), signal.SIGKILL)
-    ck.os.rename = rename
+    writing.os.rename = rename
 ck.save_checkpoint(path, ae(2))
 """
 
