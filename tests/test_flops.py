@@ -290,6 +290,18 @@ def test_cli_errors(capsys):
     assert "preset" in capsys.readouterr().err
 
 
+def test_command_line_names_stay_importable_from_calm_flops():
+    # The command moved to calm.flops_cli; code that imported its names from calm.flops keeps working.
+    import calm.flops
+    import calm.flops_cli
+
+    moved = ("load_target", "add_flops_arguments", "run_flops", "format_report")
+    for name in (*moved, "_fmt_params", "_LABELS", "_list_presets"):
+        assert getattr(calm.flops, name) is getattr(calm.flops_cli, name)
+    with pytest.raises(AttributeError, match="no_such_name"):
+        calm.flops.no_such_name  # noqa: B018
+
+
 # -- flow and diffusion heads ---------------------------------------------------------------------
 
 _HEADS = [

@@ -41,7 +41,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "serve",
         "serve a CALM or baseline checkpoint over HTTP (OpenAI-compatible completions, continuous batching)",
     ),
-    "flops": ("calm.flops", "flops", "parameter counts and FLOPs per token for a preset or checkpoint"),
+    "flops": ("calm.flops_cli", "flops", "parameter counts and FLOPs per token for a preset or checkpoint"),
     "quickstart": (
         "calm.quickstart_cli",
         "quickstart",

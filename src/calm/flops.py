@@ -67,125 +67,25 @@ h-only terms between the N samples (rule 5); with SHARED_HIDDEN_TERMS = False CA
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
-from pathlib import Path
 from typing import Any
 
-from calm.config import (
-    PRESETS,
-    ARConfig,
-    AutoencoderConfig,
-    CALMConfig,
-    ConfigError,
-    apply_overrides,
-    config_from_dict,
-    preset,
+from calm.config import PRESETS, ARConfig, AutoencoderConfig, CALMConfig, ConfigError
+from calm.flops_counts import (  # re-exported: the counts are imported from calm.flops
+    ADALN_FREQ_DIM,  # noqa: F401 (re-exported only)
+    adaln_head_counts,
+    attention_flops,
+    autoencoder_counts,
+    backbone_counts,
+    compression_counts,
+    count_parameters,  # noqa: F401 (re-exported only)
+    energy_head_counts,
+    head_evals_per_sample,
 )
 
 # Rule 5: the energy head's h-only terms (hidden_embd and the h-half of each block's first linear
 # layer) are computed once per position and broadcast over the samples, as EnergyHead does.
 SHARED_HIDDEN_TERMS = True
-
-
-# ---------------------------------------------------------------------------------------------
-# Analytic counts: (stored parameters, weight-matrix entries used once per application)
-
-
-def backbone_counts(cfg) -> tuple[int, int]:
-    """Llama-style backbone: (parameters, matmul weights per position)."""
-    d, L = cfg.d_model, cfg.num_layers
-    head_dim = d // cfg.num_heads
-    q_o = 2 * d * cfg.num_heads * head_dim
-    k_v = 2 * d * cfg.kv_heads * head_dim
-    mlp = 3 * d * cfg.ffn_dim
-    matmul = L * (q_o + k_v + mlp)
-    norms = L * 2 * d + d
-    return matmul + norms, matmul
-
-
-def attention_flops(cfg, context: int) -> int:
-    """Attention-score FLOPs per position: QKᵀ and A·V over `context` keys in every layer."""
-    return 2 * 2 * context * cfg.num_heads * (cfg.d_model // cfg.num_heads) * cfg.num_layers
-
-
-def compression_counts(cfg: CALMConfig) -> tuple[int, int]:
-    """CALM input compression Linear(K·d→2d) → SiLU → Linear(2d→d) → LayerNorm."""
-    d, K = cfg.d_model, cfg.chunk_size
-    matmul = K * d * 2 * d + 2 * d * d
-    biases, layer_norm = 2 * d + d, 2 * d
-    return matmul + biases + layer_norm, matmul
-
-
-def energy_head_counts(cfg: CALMConfig) -> tuple[int, int, int]:
-    """Energy head: (parameters, matmul weights per sample, of which depend on h alone)."""
-    d, l, n = cfg.d_model, cfg.latent_dim, cfg.num_head_layers
-    noise_embd, hidden_embd = cfg.noise_dim * d, d * d
-    block = 2 * d * d + d * d + d * 2 * d + d * d  # Linear(2d→d), Linear(d→d), Linear(d→2d), down_proj
-    final = d * d + d * l
-    matmul = noise_embd + hidden_embd + n * block + final
-    biases = 2 * d + n * (d + d + 2 * d + d) + d + l
-    layer_norms = 2 * (2 * d) + n * 2 * d + 2 * d
-    h_only = hidden_embd + n * d * d  # hidden_embd, and the h-half of each block's Linear(2d→d)
-    return matmul + biases + layer_norms, matmul, h_only
-
-
-ADALN_FREQ_DIM = 256  # sinusoidal time features of the flow / diffusion network (= adaln_mlp.FREQ_DIM)
-
-
-def adaln_head_counts(cfg: CALMConfig) -> dict[str, int]:
-    """Flow / diffusion head (`calm.models.adaln_mlp.AdaLNMLP`, width d): parameters and the
-    matmul weights used per sample row, per (position, time) and once per position."""
-    d, l, n, F = cfg.d_model, cfg.latent_dim, cfg.num_head_layers, ADALN_FREQ_DIM
-    per_row = l * d + n * 2 * d * d + d * l  # input_proj, the blocks' MLPs, the output projection
-    time_mlp = F * d + d * d
-    modulations = n * 3 * d * d + 2 * d * d  # (shift, scale, gate) per block, (shift, scale) at the end
-    per_position = d * d  # cond_embed(h)
-    biases = d + 2 * d + d + n * (2 * d + 3 * d) + l + 2 * d
-    layer_norms = n * 2 * d  # the final LayerNorm has no affine parameters
-    matmul = per_row + time_mlp + modulations + per_position
-    return {
-        "params": matmul + biases + layer_norms,
-        "per_row": per_row,
-        "per_time": time_mlp + modulations,
-        "per_position": per_position,
-        "no_input_grad": l * d + F * d,  # input_proj and the time MLP's first layer
-    }
-
-
-def head_evals_per_sample(cfg: CALMConfig) -> int:
-    """Network evaluations per sample of the config's head (as its `evals_per_sample`)."""
-    if cfg.head == "flow":
-        return cfg.flow_steps * (2 if cfg.flow_solver == "midpoint" else 1)
-    if cfg.head == "diffusion":
-        return cfg.diffusion_steps
-    return 1
-
-
-def autoencoder_counts(ae: AutoencoderConfig) -> dict[str, int]:
-    """Chunk autoencoder: parameters and matmul weights per chunk for encoder and decoder."""
-    d, K, l, V, half = ae.d_model, ae.chunk_size, ae.latent_dim, ae.vocab_size, ae.num_layers // 2
-    block_matmul = 3 * d * ae.ffn_dim  # SwiGLU of one residual block
-    block_params = block_matmul + d  # + its RMSNorm
-    embed = V * d  # tied with the decoder's vocabulary projection: stored once
-    enc_params = 2 * half * block_params + (K * d * d + d) + d + (d * 2 * l + 2 * l)
-    dec_params = (l * d + d) + 2 * half * block_params + (d * K * d + K * d) + d
-    enc_matmul = K * half * block_matmul + K * d * d + half * block_matmul + d * 2 * l
-    dec_matmul = l * d + half * block_matmul + d * K * d + K * half * block_matmul + K * V * d
-    return {
-        "embeddings": embed,
-        "encoder": enc_params,
-        "decoder": dec_params,
-        "total": embed + enc_params + dec_params,
-        "encoder_matmul": enc_matmul,
-        "decoder_matmul": dec_matmul,
-    }
-
-
-def count_parameters(module) -> int:
-    """Parameters of an instantiated module (shared tensors once), for cross-checks."""
-    return sum(p.numel() for p in module.parameters())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -446,165 +346,25 @@ def predicted_speed_ratio(
     return ar / calm
 
 
-# ---------------------------------------------------------------------------------------------
-# Command line
+# The `calm flops` command (its options, the target loader and the report's text table) lives in
+# `calm.flops_cli`, which imports this module; its names stay importable from here, looked up on
+# first use so that neither module imports the other at load time in both directions.
+_CLI_NAMES = frozenset(
+    {
+        "load_target",
+        "add_flops_arguments",
+        "run_flops",
+        "format_report",
+        "_fmt_params",
+        "_LABELS",
+        "_list_presets",
+    }
+)
 
 
-def load_target(target: str):
-    """A preset name or a checkpoint directory -> (config, label)."""
-    path = Path(target)
-    if path.is_dir():
-        cfg_file = path / "config.json"
-        if not cfg_file.is_file():
-            raise FileNotFoundError(f"{path} is a directory without config.json: not a checkpoint")
-        try:
-            data = json.loads(cfg_file.read_text())
-            return config_from_dict(data["kind"], data["config"]), str(path)
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise ConfigError(f"{cfg_file}: expected {{'kind': ..., 'config': {{...}}}} ({err})") from err
-    if target in PRESETS:
-        return preset(target), target
-    raise ConfigError(
-        f"{target!r} is neither a checkpoint directory nor a preset; presets: {', '.join(sorted(PRESETS))}"
-    )
+def __getattr__(name: str):
+    if name in _CLI_NAMES:
+        from calm import flops_cli
 
-
-def add_flops_arguments(parser) -> None:
-    parser.add_argument("target", nargs="?", help="a checkpoint directory or a preset name")
-    parser.add_argument("--preset", help="preset name (see --list)")
-    parser.add_argument("--list", action="store_true", help="list the presets with their sizes and exit")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a model config field (repeatable)",
-    )
-    parser.add_argument(
-        "--autoencoder",
-        metavar="PRESET|DIR",
-        help="autoencoder for a CALM model instead of the one its config names",
-    )
-    parser.add_argument(
-        "--context",
-        type=int,
-        default=None,
-        help="attention context in backbone positions (tokens for AR, chunks for CALM); None = max_seq_len",
-    )
-    parser.add_argument("--no-attention", action="store_true", help="leave out attention-score FLOPs")
-    parser.add_argument(
-        "--samples", type=int, default=1, help="CALM head samples (decoded) per step at inference"
-    )
-    parser.add_argument(
-        "--train-tokens", type=float, default=None, help="also give total training FLOPs for this many tokens"
-    )
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-
-
-def _fmt_params(n: int) -> str:
-    return f"{n / 1e9:.3f}B" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n:,}"
-
-
-_LABELS = {
-    "embeddings": "embeddings",
-    "input_compression": "input compression",
-    "backbone": "backbone",
-    "lm_head": "LM head",
-    "energy_head": "energy head",
-    "aux_token_head": "aux token head (train)",
-    "decoder_ce": "decoder CE (train)",
-    "flow_head": "flow head",
-    "diffusion_head": "diffusion head",
-    "attention": "attention scores",
-    "energy_loss": "energy score (N×M dists)",
-    "ae_encoder": "AE encoder (targets)",
-    "ae_decoder": "AE decoder",
-    "encoder": "encoder",
-    "decoder": "decoder",
-    "autoencoder": "autoencoder (separate)",
-    "total": "total",
-    "total_with_autoencoder": "total incl. autoencoder",
-}
-
-
-def format_report(report: dict[str, Any]) -> str:
-    lines = [f"{report.get('name', '')}  ({report['kind']}, {report['tokens_per_step']} token(s) per step)"]
-    if report.get("context"):
-        lines[0] += f", context {report['context']} positions = {report['context_tokens']} tokens"
-    lines.append("")
-    lines.append("parameters")
-    for key, value in report["params"].items():
-        lines.append(f"  {_LABELS.get(key, key):<26}{_fmt_params(value):>12}")
-    lines.append("")
-    lines.append(f"FLOPs per text token        {'train':>12}{'inference':>12}")
-    train, infer = report["flops_per_token"]["train"], report["flops_per_token"]["inference"]
-    for key in dict.fromkeys([*train, *infer]):
-        t = f"{train[key]:.3g}" if key in train else "-"
-        i = f"{infer[key]:.3g}" if key in infer else "-"
-        lines.append(f"  {_LABELS.get(key, key):<26}{t:>12}{i:>12}")
-    lines.append(
-        f"  {'total':<26}{report['train_flops_per_token']:>12.3g}{report['inference_flops_per_token']:>12.3g}"
-    )
-    if "train_flops_total" in report:
-        lines.append(
-            f"  training on {report['train_tokens']:.3g} tokens: {report['train_flops_total']:.3g} FLOPs"
-        )
-    lines.append("")
-    lines.append("notes")
-    lines += [f"  - {note}" for note in report["notes"]]
-    return "\n".join(lines)
-
-
-def _list_presets(as_json: bool) -> None:
-    rows = {}
-    for name in PRESETS:
-        cfg = preset(name)
-        rep = flops_report(cfg)
-        rows[name] = {
-            "kind": cfg.kind,
-            "d_model": cfg.d_model,
-            "num_layers": cfg.num_layers,
-            "params": rep["params"]["total"],
-            "inference_flops_per_token": rep["inference_flops_per_token"],
-            "train_flops_per_token": rep["train_flops_per_token"],
-        }
-    if as_json:
-        print(json.dumps(rows))
-        return
-    print(f"{'preset':<18}{'kind':<13}{'d':>6}{'layers':>8}{'params':>12}{'train/tok':>12}{'infer/tok':>12}")
-    for name, r in rows.items():
-        print(
-            f"{name:<18}{r['kind']:<13}{r['d_model']:>6}{r['num_layers']:>8}{_fmt_params(r['params']):>12}"
-            f"{r['train_flops_per_token']:>12.3g}{r['inference_flops_per_token']:>12.3g}"
-        )
-
-
-def run_flops(args) -> int:
-    if args.list:
-        _list_presets(args.json)
-        return 0
-    if bool(args.target) == bool(args.preset):
-        raise ConfigError(
-            "give exactly one of a checkpoint directory / preset name, or --preset NAME (or --list)"
-        )
-    cfg, label = load_target(args.preset or args.target)
-    cfg = apply_overrides(cfg, args.overrides)
-    ae = None
-    if args.autoencoder:
-        if cfg.kind != "calm":
-            raise ConfigError("--autoencoder only applies to CALM models")
-        ae, _ = load_target(args.autoencoder)
-        if ae.kind != "autoencoder":
-            raise ConfigError(f"--autoencoder {args.autoencoder!r} is a {ae.kind} config, not an autoencoder")
-    report = flops_report(
-        cfg,
-        autoencoder_config=ae,
-        context=args.context,
-        include_attention=not args.no_attention,
-        inference_samples=args.samples,
-        train_tokens=args.train_tokens,
-    )
-    report = {"name": label, **report, "config": dataclasses.asdict(cfg)}
-    print(json.dumps(report) if args.json else format_report(report))
-    return 0
+        return getattr(flops_cli, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
