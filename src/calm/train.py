@@ -66,12 +66,13 @@ from calm.train_optim import autocast_context, build_optimizer, lr_multiplier, p
 from calm.train_state import (  # noqa: F401 (build_calm_from_autoencoder: re-exported)
     _load_full_weights,
     _load_initial_weights,
+    _restore_train_state,
     build_calm_from_autoencoder,
     capture_rng_state,
     restore_rng_state,
     seed_everything,
 )
-from calm.train_step import DeviceSchedule, StepRunner, init_optimizer_state
+from calm.train_step import DeviceSchedule, StepRunner
 from calm.train_stop import TrainingError, TrainingInterrupted, _check_skipped, _StopRequest
 
 KILL_AT_STEP_ENV = "CALM_TEST_KILL_AT_STEP"
@@ -182,7 +183,7 @@ def _train(
     initial_weights: dict[str, torch.Tensor] | None,
 ) -> dict[str, Any]:
     """The body of `train`, run with the run directory locked and the stop handlers installed."""
-    from calm.sharded_checkpoint import is_sharded, load_sharded, save_sharded
+    from calm.sharded_checkpoint import is_sharded, save_sharded
 
     device, main = info.device, info.is_main
     ckpt_path = out_dir / CHECKPOINT_NAME
@@ -224,34 +225,10 @@ def _train(
     seed_everything(cfg.seed + 1000 * info.rank)  # replaced by the saved RNG state when resuming
 
     start_step, history, elapsed_before = 0, [], 0.0
-    if state is not None:
-        if is_sharded(found):  # every rank reads its own part of the weights and optimizer state
-            init_optimizer_state(optimizer)
-            load_sharded(found, raw, optimizer)
-        elif sharded:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-            init_optimizer_state(optimizer)
-            set_optimizer_state_dict(
-                raw, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True)
-            )
-        else:
-            optimizer.load_state_dict(state["optimizer"])
-        schedule.install()  # the loaded groups carry the saved lr; the schedule owns it
-        schedule.load_state_dict(state["scheduler"])
-        runner.set_streak(int(state.get("bad_steps", 0)))
-        start_step, history = int(state["step"]), list(state.get("metrics", []))
-        elapsed_before = float(state.get("elapsed_s", 0.0))
-        rngs = state.get("rng") or []
-        if len(rngs) == info.world_size:
-            restore_rng_state(rngs[info.rank])
-        else:
-            if main:
-                _say(
-                    f"note: checkpoint was written by {len(rngs)} process(es), now {info.world_size}: "
-                    "RNG streams reseeded, the run will not match an uninterrupted one bit for bit"
-                )
-            seed_everything(cfg.seed + 1000 * info.rank + 7919 * start_step)
+    if state is not None:  # optimizer, schedule, skipped-step run, RNG states, step, metrics, time
+        start_step, history, elapsed_before = _restore_train_state(
+            state, found, raw, optimizer, schedule, runner, cfg, info, sharded
+        )
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
         _rewrite_metrics(metrics_path, history)  # on resume: drop lines logged after the checkpoint
