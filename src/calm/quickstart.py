@@ -181,7 +181,7 @@ def run_pipeline(
         progress=progress,
         log=_log,
     )
-    from calm.train import PreparedData
+    from calm.train_data import PreparedData
 
     prepared = PreparedData(data_dir)
     tok = prepared.tokenizer()

@@ -21,7 +21,7 @@ def _fmt(x: float, digits: int = 3) -> str:
 def brier_curve(run_dir: Path, flops_per_step: float) -> list[dict]:
     """Every evaluation of a run that logged BrierLM: training FLOPs so far, BrierLM with its CI
     and Brier-1..4 (`calm.report.plot_brier_vs_flops` draws them)."""
-    from calm.train import read_metrics
+    from calm.train_log import read_metrics
 
     out = []
     for r in read_metrics(run_dir):
@@ -37,7 +37,7 @@ def brier_curve(run_dir: Path, flops_per_step: float) -> list[dict]:
 
 def _val_turn(run_dir: Path) -> tuple[int, float, int, float] | None:
     """(best step, best val loss, last step, last val loss) if the last is > 1% above the best."""
-    from calm.train import read_metrics
+    from calm.train_log import read_metrics
 
     vals = [
         (r["step"], r["val_loss"])

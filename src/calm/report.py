@@ -13,7 +13,7 @@ import matplotlib.ticker
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from calm.train import read_metrics  # noqa: E402  (the training loop's own JSONL reader)
+from calm.train_log import read_metrics  # noqa: E402  (the training run's own JSONL reader)
 
 
 def _series(records, split: str, key: str):

@@ -3,22 +3,26 @@
 The loop only knows that a model is an ``nn.Module`` with ``.config`` whose ``forward(tokens)``
 returns ``(loss, metrics)`` (the same as its ``loss(tokens)``): it calls ``model(tokens)`` so
 that a DDP/FSDP wrapper's hooks run. Everything else (optimizer groups, schedule, clipping,
-accumulation, evaluation, logging, checkpoints, resume) lives here, in one readable function;
-the step itself is `calm.train_step.StepRunner`, which queues it on the device and reads nothing
-back (non-finite steps are skipped on the device, metrics accumulate there): the host reads
-device values only at log, evaluation and save points.
+accumulation, evaluation, logging, checkpoints, resume) is driven from here, in one readable
+function, from parts with one job each (their names stay importable from here):
+`calm.train_optim` (AdamW groups, lr schedule, autocast), `calm.train_state` (RNG states,
+initial and resumed weights), `calm.train_data` (`DataSource`, `PreparedData`),
+`calm.train_eval` (validation means), `calm.train_log` (metrics.jsonl, messages) and
+`calm.train_stop` (errors, signals). The step itself is `calm.train_step.StepRunner`, which
+queues it on the device and reads nothing back (non-finite steps are skipped on the device,
+metrics accumulate there): the host reads device values only at log, evaluation and save points.
 
 Determinism: the batch of step ``s`` is a pure function of ``(seed, s)`` (`calm.data`), every
 random draw of a model comes from torch's global RNG, and checkpoints carry the optimizer,
 scheduler and RNG states, so a resumed run continues bit for bit (on CPU) where it stopped.
 
 Stopping: SIGINT (Ctrl-C) or SIGTERM lets the step in progress finish, saves a checkpoint of it,
-and raises `TrainingInterrupted` (the CLI exits 130 / 143, after a line saying where the
-checkpoint is); a second signal of the same kind stops at once without saving. Under torchrun
-the ranks agree on the step to stop after: once per step, after the step's device work is
-queued, a MAX all-reduce of the signal number on a Gloo group (`calm.distributed.agree_max`, a
-CPU integer: it waits for the other ranks' hosts, never for a device), so every rank stops after
-the step during which any rank got the signal.
+Stopping (`calm.train_stop`): SIGINT (Ctrl-C) or SIGTERM lets the step in progress finish,
+saves a checkpoint of it, and raises `TrainingInterrupted`. Under torchrun the ranks agree on
+the step to stop after: once per step, after the step's device work is queued, a MAX all-reduce
+of the signal number on a Gloo group (`calm.distributed.agree_max`, a CPU integer: it waits for
+the other ranks' hosts, never for a device), so every rank stops after the step during which any
+rank got the signal.
 
 One writer per run directory: `train` holds an exclusive lock on ``out_dir/.lock``
 (`calm.filesystem.RunDirectoryLock`) from before it reads a checkpoint until it returns.
@@ -32,275 +36,48 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
-import random
 import signal
 import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from calm.checkpoint import (
     CheckpointError,
-    checked_weights,
     is_complete,
     load_train_state,
-    load_weights,
     resolve_checkpoint,
     save_checkpoint,
 )
 from calm.config import ConfigError, TrainConfig
-from calm.distributed import (
-    DistInfo,
-    agree_max,
-    all_gather_object,
-    all_reduce_sum,
-    barrier,
-    init_distributed,
-)
+from calm.distributed import DistInfo, agree_max, all_gather_object, barrier, init_distributed
 from calm.filesystem import RunDirectoryInUse, RunDirectoryLock
 from calm.flops import peak_flops
 from calm.parallelize import prepare_model
-from calm.train_step import DeviceSchedule, IntervalStats, StepRunner, init_optimizer_state
+from calm.train_data import DataSource, PreparedData, check_same_tokenizer  # noqa: F401 (re-exported)
+from calm.train_eval import _Averager, _global_means
+from calm.train_log import METRICS_FILE, _json_value, _rewrite_metrics, _say, read_metrics  # noqa: F401
+from calm.train_optim import autocast_context, build_optimizer, lr_multiplier, param_groups  # noqa: F401
+from calm.train_state import (  # noqa: F401 (build_calm_from_autoencoder: re-exported)
+    _load_full_weights,
+    _load_initial_weights,
+    _restore_train_state,
+    build_calm_from_autoencoder,
+    capture_rng_state,
+    restore_rng_state,
+    seed_everything,
+)
+from calm.train_step import DeviceSchedule, StepRunner
+from calm.train_stop import TrainingError, TrainingInterrupted, _check_skipped, _StopRequest
 
 KILL_AT_STEP_ENV = "CALM_TEST_KILL_AT_STEP"
-METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_NAME = "checkpoint"
 TRAIN_CONFIG_FILE = "train_config.json"  # in training checkpoints, beside train_state.pt (cheap to read)
-
-
-class TrainingError(ValueError):
-    """Training cannot go on (e.g. too many consecutive non-finite losses)."""
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """Training stopped on SIGINT/SIGTERM after saving the checkpoint of the last finished step.
-
-    ``signal_name``, ``step``, ``checkpoint`` (path) and ``exit_code`` (128 + signal number:
-    130 for SIGINT, 143 for SIGTERM). ``str(err)`` is the line printed for the user.
-    """
-
-    def __init__(self, signum: int, step: int, checkpoint: Path):
-        self.signal_name = signal.Signals(signum).name
-        self.step, self.checkpoint, self.exit_code = step, checkpoint, 128 + signum
-        super().__init__(
-            f"stopped by {self.signal_name} after step {step}: checkpoint saved in {checkpoint}; "
-            "continue with --resume"
-        )
-
-
-class _StopRequest:
-    """SIGINT/SIGTERM handlers that only record the signal, for the loop to act on at a step boundary.
-
-    Installed only in the main thread (Python delivers signals there). A second signal of the
-    kind already received restores the previous handlers and stops at once (KeyboardInterrupt);
-    another kind is noted and ignored (Ctrl-C under torchrun sends SIGINT to the workers and the
-    agent then SIGTERM: both mean "stop", and saving must go on).
-    """
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self):
-        self.signum = 0
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum, frame) -> None:
-        if self.signum == signum:
-            self.restore()
-            raise KeyboardInterrupt
-        if not self.signum:
-            self.signum = signum
-            os.write(
-                2,
-                f"\n{signal.Signals(signum).name}: finishing the current step, then saving a checkpoint "
-                f"(send it again to stop at once without saving)\n".encode(),
-            )
-
-    def __enter__(self) -> _StopRequest:
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}
-
-    def __exit__(self, *exc) -> None:
-        self.restore()
-
-
-# ---------------------------------------------------------------------------------------------
-# Optimizer and schedule
-
-
-def lr_multiplier(step: int, cfg: TrainConfig) -> float:
-    """Factor applied to ``cfg.lr`` for optimizer update number `step` (0-based).
-
-    Linear warm-up ``(step + 1) / warmup_steps`` (full lr at update ``warmup_steps - 1``), then
-    constant, or a half-cosine from lr down to ``min_lr_ratio * lr`` reached at ``cfg.steps``
-    and held after.
-    """
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    if cfg.schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
-    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def param_groups(
-    model: nn.Module, weight_decay: float, lr: float | None = None, lr_scales: dict[str, float] | None = None
-) -> list[dict[str, Any]]:
-    """AdamW groups: decay for matrices, none for vectors/scalars (norms, biases) and embeddings.
-
-    Frozen parameters (``requires_grad=False``, e.g. CALM's autoencoder) are left out. Tied
-    parameters appear once (under their first name). lr_scales ({module prefix: factor},
-    `TrainConfig.lr_scales`) puts the parameters under each prefix into groups of their own
-    with ``lr * factor`` (the schedule multiplies every group's lr alike).
-    """
-    embedding_params = {
-        id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters(recurse=False)
-    }
-    scales = lr_scales or {}
-    unknown = [p for p in scales if not any(n.startswith(p + ".") for n, _ in model.named_parameters())]
-    if unknown:
-        raise ConfigError(f"lr_scale names no parameters of {type(model).__name__}: {', '.join(unknown)}")
-    groups: dict[tuple[bool, float], list] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        decay = not (p.ndim < 2 or id(p) in embedding_params)
-        factor = next((f for prefix, f in scales.items() if name.startswith(prefix + ".")), 1.0)
-        groups.setdefault((decay, factor), []).append(p)
-    out = []
-    for (decay, factor), params in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1])):
-        group = {"params": params, "weight_decay": weight_decay if decay else 0.0}
-        if factor != 1.0:
-            group["lr"] = lr * factor if lr is not None else None
-        out.append(group)
-    return out
-
-
-def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device | None = None):
-    """AdamW over `param_groups`, fused (one kernel per step on CPU and CUDA; it also takes the
-    ``found_inf`` flag that skips a non-finite step on the device, `calm.train_step`)."""
-    groups = param_groups(model, cfg.weight_decay, cfg.lr, cfg.lr_scales)
-    if not groups:
-        raise TrainingError(f"{type(model).__name__} has no trainable parameters")
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
-
-
-def autocast_context(device: torch.device, dtype: str):
-    """bf16 autocast for ``dtype="bf16"``, or ``"auto"`` on CUDA; nothing for fp32."""
-    if dtype == "fp32" or (dtype == "auto" and device.type != "cuda"):
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-
-
-# ---------------------------------------------------------------------------------------------
-# RNG state (python, numpy, torch CPU and CUDA), in a form torch.load(weights_only=True) reads
-
-
-def capture_rng_state() -> dict[str, Any]:
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": {
-            "keys": torch.from_numpy(keys.astype(np.int64)),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "cached_gaussian": float(cached),
-        },
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def restore_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    n = state["numpy"]
-    np.random.set_state(
-        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
-    )
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-# ---------------------------------------------------------------------------------------------
-# Data
-
-
-class DataSource(Protocol):
-    """What the loop needs from a data set (`PreparedData` wraps `calm prepare` output)."""
-
-    def train_batch(
-        self, step: int, batch_size: int, block_size: int, seed: int, rank: int, world_size: int
-    ) -> torch.Tensor: ...  # LongTensor [batch_size // world_size, block_size]
-
-    def val_windows(
-        self, block_size: int, count: int
-    ) -> torch.Tensor: ...  # LongTensor [<= count, block_size]
-
-
-class PreparedData:
-    """A data set written by `calm prepare`: `batch_for_step` for training, the first
-    consecutive windows of the validation split for evaluation."""
-
-    def __init__(self, data_dir: str | os.PathLike):
-        from calm.data import TokenShards
-
-        self.data_dir = Path(data_dir)
-        self.train = TokenShards(self.data_dir, "train")
-        try:
-            self.val = TokenShards(self.data_dir, "val")
-        except ValueError:
-            self.val = None
-
-    def train_batch(self, step, batch_size, block_size, seed, rank, world_size):
-        from calm.data import batch_for_step
-
-        return batch_for_step(
-            self.train, step, batch_size, block_size, seed, rank=rank, world_size=world_size
-        )
-
-    def val_windows(self, block_size, count):
-        from calm.data import eval_windows
-
-        if self.val is None or count < 1:
-            return torch.zeros(0, block_size, dtype=torch.long)
-        batches = list(eval_windows(self.val, block_size, max_tokens=count * block_size, batch_size=count))
-        return torch.cat(batches) if batches else torch.zeros(0, block_size, dtype=torch.long)
-
-    def tokenizer(self):
-        return self.train.tokenizer()
-
-    def check_token_ids(self, vocab_size: int) -> None:
-        """A clear error before training if an id is outside the model's vocabulary (`calm.data`)."""
-        for split in (self.train, self.val):
-            if split is not None:
-                split.check_token_ids(min(int(vocab_size), split.vocab_size))
-
-
-# ---------------------------------------------------------------------------------------------
-# The loop
 
 
 def _loss_callable(wrapped: nn.Module, raw: nn.Module) -> Callable:
@@ -312,31 +89,6 @@ def _loss_callable(wrapped: nn.Module, raw: nn.Module) -> Callable:
             f"{type(raw).__name__} must define forward(tokens) returning loss(tokens) to train under DDP/FSDP"
         )
     return raw.loss
-
-
-def _json_value(v):
-    return v if not isinstance(v, float) or math.isfinite(v) else None
-
-
-class _Averager:
-    """Weighted running sums of scalars for evaluation (kept as tensors: no host read until
-    `_global_means`)."""
-
-    def __init__(self):
-        self.sums: dict[str, Any] = {}
-        self.count = 0
-
-    def add(self, values: dict[str, Any], weight: float = 1.0) -> None:
-        for k, v in values.items():
-            v = v.detach().float().mean() if torch.is_tensor(v) else float(v)
-            self.sums[k] = self.sums.get(k, 0.0) + v * weight
-        self.count += weight
-
-
-def _say(msg: str) -> None:
-    from tqdm import tqdm
-
-    tqdm.write(msg, file=sys.stderr)
 
 
 def train(
@@ -431,7 +183,7 @@ def _train(
     initial_weights: dict[str, torch.Tensor] | None,
 ) -> dict[str, Any]:
     """The body of `train`, run with the run directory locked and the stop handlers installed."""
-    from calm.sharded_checkpoint import is_sharded, load_sharded, save_sharded
+    from calm.sharded_checkpoint import is_sharded, save_sharded
 
     device, main = info.device, info.is_main
     ckpt_path = out_dir / CHECKPOINT_NAME
@@ -473,34 +225,10 @@ def _train(
     seed_everything(cfg.seed + 1000 * info.rank)  # replaced by the saved RNG state when resuming
 
     start_step, history, elapsed_before = 0, [], 0.0
-    if state is not None:
-        if is_sharded(found):  # every rank reads its own part of the weights and optimizer state
-            init_optimizer_state(optimizer)
-            load_sharded(found, raw, optimizer)
-        elif sharded:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-            init_optimizer_state(optimizer)
-            set_optimizer_state_dict(
-                raw, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True)
-            )
-        else:
-            optimizer.load_state_dict(state["optimizer"])
-        schedule.install()  # the loaded groups carry the saved lr; the schedule owns it
-        schedule.load_state_dict(state["scheduler"])
-        runner.set_streak(int(state.get("bad_steps", 0)))
-        start_step, history = int(state["step"]), list(state.get("metrics", []))
-        elapsed_before = float(state.get("elapsed_s", 0.0))
-        rngs = state.get("rng") or []
-        if len(rngs) == info.world_size:
-            restore_rng_state(rngs[info.rank])
-        else:
-            if main:
-                _say(
-                    f"note: checkpoint was written by {len(rngs)} process(es), now {info.world_size}: "
-                    "RNG streams reseeded, the run will not match an uninterrupted one bit for bit"
-                )
-            seed_everything(cfg.seed + 1000 * info.rank + 7919 * start_step)
+    if state is not None:  # optimizer, schedule, skipped-step run, RNG states, step, metrics, time
+        start_step, history, elapsed_before = _restore_train_state(
+            state, found, raw, optimizer, schedule, runner, cfg, info, sharded
+        )
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
         _rewrite_metrics(metrics_path, history)  # on resume: drop lines logged after the checkpoint
@@ -670,45 +398,6 @@ def _train(
     }
 
 
-def _check_skipped(stats: IntervalStats, done: int, cfg: TrainConfig, ckpt_path: Path, main: bool) -> None:
-    """Report the interval's skipped updates; abort after `max_bad_steps` in a row.
-
-    The device skips a non-finite step at once; the host learns of it here, at the next log
-    line, so with ``log_every`` > ``max_bad_steps`` the abort comes up to ``log_every`` steps
-    late (those steps were skipped too: the weights are those of the last good step).
-    """
-    if stats.skipped and main:
-        _say(
-            f"warning: non-finite loss or gradient in {stats.skipped} of the last "
-            f"{stats.applied + stats.skipped} step(s) (last at step {stats.last_bad_step}); "
-            f"their updates were skipped ({stats.streak} in a row now, limit {cfg.max_bad_steps})"
-        )
-    if stats.max_streak >= cfg.max_bad_steps:
-        raise TrainingError(
-            f"{stats.max_streak} consecutive steps with a non-finite loss or gradient (last at step "
-            f"{stats.last_bad_step}); aborting at step {done}. Try a lower learning rate, a smaller "
-            f"grad_clip, or dtype=fp32. The last good checkpoint is in {ckpt_path}"
-        )
-
-
-def _load_initial_weights(raw: nn.Module, weights: dict[str, torch.Tensor]) -> None:
-    """Copy full tensors (e.g. CALM's trained autoencoder) into the materialised model."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-    unknown = sorted(set(weights) - set(raw.state_dict()))
-    if unknown:
-        raise TrainingError(f"initial weights name no parameter of {type(raw).__name__}: {unknown[:4]}")
-    set_model_state_dict(raw, weights, options=StateDictOptions(full_state_dict=True, strict=False))
-
-
-def _load_full_weights(raw: nn.Module, found: Path, sharded: bool) -> None:
-    """The model.safetensors of checkpoint `found` into the model (sharded or not)."""
-    if not sharded:
-        load_weights(raw, found)
-        return
-    _load_initial_weights(raw, checked_weights(raw, found))
-
-
 def _train_flops_per_token(config, cfg: TrainConfig) -> float | None:
     """Training FLOPs per text token (`calm.flops`, at the training window), None if not known."""
     from calm.flops import flops_report
@@ -718,60 +407,3 @@ def _train_flops_per_token(config, cfg: TrainConfig) -> float | None:
         return flops_report(config, context=context)["train_flops_per_token"]
     except (ConfigError, AttributeError, TypeError):
         return None
-
-
-def _global_means(avg: _Averager) -> dict[str, float]:
-    """Means of an averager's scalars over all ranks: one all-reduce and one host read."""
-    keys = sorted(avg.sums)
-    if not keys:
-        return {}
-    device = next((v.device for v in avg.sums.values() if torch.is_tensor(v)), torch.device("cpu"))
-    vec = torch.stack([torch.as_tensor(avg.sums[k], device=device).detach().double().reshape(()) for k in keys])
-    count = torch.full((1,), float(avg.count), dtype=torch.float64, device=device)
-    host = all_reduce_sum(torch.cat([vec, count])).tolist()
-    return {k: host[i] / host[-1] for i, k in enumerate(keys)} if host[-1] else {}
-
-
-def _rewrite_metrics(path: Path, records: list[dict[str, Any]]) -> None:
-    """Atomically replace the metrics log with `records` (empty for a fresh run)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
-
-
-def read_metrics(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """The records of ``out_dir/metrics.jsonl`` (train and val lines, in order)."""
-    path = Path(out_dir) / METRICS_FILE
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def check_same_tokenizer(trained_with, data_tok, what: str, whose: str, data_dir) -> None:
-    """Refuse data prepared with another tokenizer than the one a model was trained with.
-
-    Compares `Tokenizer.fingerprint` (the tokenizer JSON and the special ids): two tokenizers
-    of the same size can still map text to different ids. `what` names the model ("the
-    autoencoder in DIR"), `whose` the tokenizer to use ("the autoencoder's").
-    """
-    if trained_with is None:
-        return
-    if trained_with.vocab_size != data_tok.vocab_size or trained_with.fingerprint() != data_tok.fingerprint():
-        raise ConfigError(
-            f"{what} was trained with a different tokenizer than the data in {data_dir}; "
-            f"prepare the data with {whose} tokenizer"
-        )
-
-
-def build_calm_from_autoencoder(config, ae: nn.Module) -> nn.Module:
-    """A CALM model around the frozen, trained autoencoder `ae`."""
-    from calm.models.calm import CALM
-
-    if hasattr(CALM, "from_autoencoder"):
-        return CALM.from_autoencoder(config, ae)
-    model = CALM(config)
-    model.autoencoder.load_state_dict(ae.state_dict())
-    model.autoencoder.requires_grad_(False)
-    return model

@@ -298,7 +298,7 @@ def run_train(args) -> int:
             "--model calm needs --ae AE_CHECKPOINT_DIR (a trained autoencoder; see `calm train-ae`)"
         )
     from calm.checkpoint import load_model
-    from calm.train import PreparedData, check_same_tokenizer
+    from calm.train_data import PreparedData, check_same_tokenizer
 
     ae = load_model(args.ae)
     if ae.config.kind != "autoencoder":

@@ -38,7 +38,7 @@ _APPLIED, _SKIPPED, _STREAK, _MAX_STREAK, _LAST_BAD = range(5)
 
 
 class DeviceSchedule:
-    """`calm.train.lr_multiplier` evaluated on the device from the count of applied updates.
+    """`calm.train_optim.lr_multiplier` evaluated on the device from the count of applied updates.
 
     Installs a 0-dim float32 device tensor as every group's ``lr`` (the fused AdamW kernel
     reads it there) and keeps each group's base lr (``cfg.lr`` times its `lr_scale` factor) on
