@@ -203,9 +203,9 @@ def test_exact_matches_target_and_expected_cost(name, probs, rows, temperature):
 
 @pytest.mark.parametrize("scan", ["tensor", "scalar"])
 def test_exact_mixed_rows_each_match_their_target(monkeypatch, scan):
-    import calm.sampling as sampling
+    import calm.exact_sampling as exact_sampling  # the module whose sample_exact reads the limit
 
-    monkeypatch.setattr(sampling, "_SCALAR_SCAN_MAX_ROWS", 10**9 if scan == "scalar" else 0)
+    monkeypatch.setattr(exact_sampling, "_SCALAR_SCAN_MAX_ROWS", 10**9 if scan == "scalar" else 0)
     rows, temperature = 6000, 0.4
     probs = torch.stack([PEAKED, FLAT, PEAKED.flip(0)]).repeat(rows // 3, 1)
     draw = Sampler(probs, seed=3)
@@ -366,12 +366,24 @@ def test_exact_active_rows_and_row_uniforms_are_batch_independent(temperature):
 def test_exact_scalar_scan_equals_tensor_scan(monkeypatch, temperature):
     """The CPU scan over Python values and the vectorised tensor scan are the same algorithm:
     same draws and coins in, same chunks, draw counts, attempts and limit hits out."""
-    import calm.sampling as sampling
+    import calm.exact_sampling as exact_sampling  # the module whose sample_exact reads the limit
 
+    used = []  # which scan each run used: patching the wrong module would compare a scan with itself
+
+    def spy(scan_class):
+        class Spy(scan_class):
+            def __init__(self, *args):
+                used.append(scan_class.__name__)
+                super().__init__(*args)
+
+        return Spy
+
+    for name in ("_ScalarScan", "_TensorScan"):
+        monkeypatch.setattr(exact_sampling, name, spy(getattr(exact_sampling, name)))
     probs = torch.stack([PEAKED, FLAT, PEAKED.flip(0), FLAT]).repeat(25, 1)
     runs = []
     for max_rows in (10**9, 0):  # scalar scan, then tensor scan
-        monkeypatch.setattr(sampling, "_SCALAR_SCAN_MAX_ROWS", max_rows)
+        monkeypatch.setattr(exact_sampling, "_SCALAR_SCAN_MAX_ROWS", max_rows)
         out, st = sample_exact(
             Sampler(probs, seed=9),
             temperature,
@@ -382,6 +394,7 @@ def test_exact_scalar_scan_equals_tensor_scan(monkeypatch, temperature):
             return_stats=True,
         )
         runs.append((out, st))
+    assert used == ["_ScalarScan", "_TensorScan"]
     (a, sa), (b, sb) = runs
     assert torch.equal(a, b)
     for field in ("draws", "attempts", "hit_limit"):
