@@ -104,7 +104,7 @@ def test_calm_batch_equals_one_by_one(calm_model, temperature, sampler):
         max_new_tokens=11,
         temperature=temperature,
         sampler=sampler,
-        num_candidates=64,
+        num_samples=64,
         max_draws=128,
         eos_id=None,
     )
@@ -140,8 +140,14 @@ def test_ar_batch_equals_one_by_one_and_pads_invisible(ar_model):
             torch.testing.assert_close(padded[b, -len(p) :], ref[0], rtol=1e-5, atol=1e-5)
 
 
+def test_num_candidates_is_the_older_name_of_num_samples(calm_model):
+    kw = dict(max_new_tokens=8, temperature=0.5, sampler="approx", seed=3, eos_id=None)
+    assert generate(calm_model, PROMPTS, num_candidates=16, **kw) == generate(calm_model, PROMPTS, num_samples=16, **kw)
+    assert generate(calm_model, PROMPTS, num_samples=16, **kw) != generate(calm_model, PROMPTS, num_samples=48, **kw)
+
+
 def test_seed_list_and_generator(calm_model):
-    kw = dict(max_new_tokens=8, temperature=0.5, num_candidates=32, eos_id=None)
+    kw = dict(max_new_tokens=8, temperature=0.5, num_samples=32, eos_id=None)
     assert (
         generate(calm_model, PROMPTS[:2], seed=[5, 9], **kw)[1]
         == generate(calm_model, [PROMPTS[1]], seed=9, **kw)[0]
@@ -302,6 +308,8 @@ def test_bad_inputs(calm_model, ar_model):
     with pytest.raises(GenerationError, match="outside the vocabulary"):
         generate(ar_model, [[1, 100000]], **ok)
     with pytest.raises(GenerationError, match="num_samples"):
+        generate(calm_model, PROMPTS, temperature=0.5, num_samples=0, **ok)
+    with pytest.raises(GenerationError, match="num_samples"):  # the older name is still checked
         generate(calm_model, PROMPTS, temperature=0.5, num_candidates=0, **ok)
     with pytest.raises(GenerationError, match="text"):
         generate(ar_model, "hello", **ok)
@@ -392,7 +400,7 @@ def test_a_bf16_model_generates_reproducibly(calm_model):
 
     model = copy.deepcopy(calm_model).to(torch.bfloat16)
     for sampler in ("exact", "approx"):
-        kw = dict(max_new_tokens=8, temperature=0.5, sampler=sampler, num_candidates=32, eos_id=None)
+        kw = dict(max_new_tokens=8, temperature=0.5, sampler=sampler, num_samples=32, eos_id=None)
         a = generate(model, PROMPTS, seed=1, **kw)
         assert a == generate(model, PROMPTS, seed=1, **kw)
         assert all(len(r) == 8 and all(0 <= t < model.config.vocab_size for t in r) for r in a)

@@ -51,8 +51,8 @@ PREVIOUS_ENERGY_OUTPUTS = {
 }  # fmt: skip
 CALLS = {
     "t1": dict(temperature=1.0),
-    "exact": dict(temperature=0.5, sampler="exact", num_candidates=32),
-    "approx": dict(temperature=0.5, sampler="approx", num_candidates=32),
+    "exact": dict(temperature=0.5, sampler="exact", num_samples=32),
+    "approx": dict(temperature=0.5, sampler="approx", num_samples=32),
 }
 
 
