@@ -1,15 +1,16 @@
-"""Configuration dataclasses and named presets.
+"""Configuration dataclasses, and the public entry point for presets and overrides.
 
 One dataclass per model kind (`AutoencoderConfig`, `CALMConfig`, `ARConfig`) plus
-`TrainConfig` for optimisation. Presets are plain functions of nothing, collected in
-`PRESETS`; `apply_overrides` turns ``["d_model=256", "lr=1e-3"]`` into a new config.
+`TrainConfig` for optimisation. The named presets (`PRESETS`, `preset`) live in `calm.presets`
+and ``key=value`` overrides (`apply_overrides`, `split_overrides`) in `calm.config_overrides`;
+both are importable from here as before.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
-import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -298,135 +299,32 @@ def config_from_dict(kind: str, data: dict[str, Any]):
     return CONFIG_CLASSES[kind].from_dict(data)
 
 
-# ---------------------------------------------------------------------------------------------
-# Presets. Paper sizes use the Llama-3 vocabulary; "-cpu" presets train on a laptop CPU.
-
-
-def _paper_calm(d: int, ffn: int, layers: int, heads: int) -> CALMConfig:
-    return CALMConfig(
-        d_model=d,
-        num_layers=layers,
-        num_heads=heads,
-        ffn_dim=ffn,
-        max_seq_len=2048,
-        vocab_size=LLAMA3_VOCAB,
-        chunk_size=4,
-        latent_dim=128,
-    )
-
-
-def _paper_ar(d: int, ffn: int, layers: int, heads: int) -> ARConfig:
-    return ARConfig(
-        d_model=d, num_layers=layers, num_heads=heads, ffn_dim=ffn, max_seq_len=2048, vocab_size=LLAMA3_VOCAB
-    )
-
-
-PRESETS: dict[str, Any] = {
-    # autoencoders
-    "ae-paper": AutoencoderConfig(vocab_size=LLAMA3_VOCAB, d_model=512, ffn_dim=1280, latent_dim=128),
-    "ae-cpu": AutoencoderConfig(vocab_size=8192, d_model=256, ffn_dim=640, latent_dim=128),
-    "ae-tiny": AutoencoderConfig(vocab_size=512, d_model=64, ffn_dim=160, latent_dim=16),
-    # CALM
-    "calm-m": _paper_calm(1024, 2752, 16, 16),
-    "calm-l": _paper_calm(1536, 4096, 16, 16),
-    "calm-xl": _paper_calm(2560, 6880, 16, 20),
-    # Small presets start the energy head's last layer from Xavier, not zero (the recipe study in
-    # docs/small_scale_study.md: with a zero layer nothing before it gets a gradient for the
-    # first few hundred steps, which at this scale is most of the run). Paper presets: zero.
-    "calm-cpu": CALMConfig(
-        d_model=256, num_layers=4, num_heads=4, ffn_dim=688, max_seq_len=256, head_init="xavier"
-    ),
-    "calm-tiny": CALMConfig(
-        head_init="xavier",
-        d_model=64,
-        num_layers=2,
-        num_heads=2,
-        ffn_dim=160,
-        max_seq_len=64,
-        vocab_size=512,
-        latent_dim=16,
-        num_target_samples=16,
-    ),
-    # token baseline
-    "transformer-s": _paper_ar(768, 2048, 12, 12),
-    "transformer-m": _paper_ar(1024, 2752, 16, 16),
-    "transformer-l": _paper_ar(1536, 4096, 16, 16),
-    "transformer-cpu": ARConfig(d_model=256, num_layers=4, num_heads=4, ffn_dim=688, max_seq_len=1024),
-    "transformer-tiny": ARConfig(
-        d_model=64, num_layers=2, num_heads=2, ffn_dim=160, max_seq_len=256, vocab_size=512
-    ),
+# Names defined in `calm.presets` and `calm.config_overrides`, which import the classes above.
+# They are re-exported on first use (PEP 562 module __getattr__) rather than imported at the end
+# of this module: an eager import would be circular and fail when either module is imported first.
+_REEXPORTS = {
+    "PRESETS": "calm.presets",
+    "preset": "calm.presets",
+    "_paper_calm": "calm.presets",
+    "_paper_ar": "calm.presets",
+    "apply_overrides": "calm.config_overrides",
+    "split_overrides": "calm.config_overrides",
+    "_cast": "calm.config_overrides",
 }
 
-
-def preset(name: str):
-    """A fresh copy of the named preset (see `PRESETS`)."""
-    if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; available: {', '.join(sorted(PRESETS))}")
-    return dataclasses.replace(PRESETS[name])
+if typing.TYPE_CHECKING:  # for type checkers and editors; never run
+    from calm.config_overrides import _cast, apply_overrides, split_overrides  # noqa: F401
+    from calm.presets import PRESETS, _paper_ar, _paper_calm, preset  # noqa: F401
 
 
-def _cast(value: str, annotation: Any, name: str):
-    if isinstance(annotation, str):
-        annotation = {"int": int, "float": float, "str": str, "bool": bool, "dict": dict}.get(
-            annotation.split("|")[0].strip(), str
-        )
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
-    try:
-        if annotation is bool:
-            low = value.lower()
-            if low in ("1", "true", "yes", "on"):
-                return True
-            if low in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(value)
-        if annotation is int:
-            return int(float(value)) if "e" in value.lower() else int(value)
-        if annotation is float:
-            return float(value)
-        if annotation is dict:
-            return json.loads(value)
-        return annotation(value)
-    except (ValueError, json.JSONDecodeError) as err:
-        raise ConfigError(
-            f"cannot read {name}={value!r} as {getattr(annotation, '__name__', annotation)}"
-        ) from err
+def __getattr__(name: str):
+    module = _REEXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later look-ups find it directly
+    return value
 
 
-def apply_overrides(cfg, overrides: list[str] | None):
-    """Return a copy of `cfg` with ``key=value`` strings applied (values cast to the field type)."""
-    if not overrides:
-        return cfg
-    fields = {f.name: f for f in dataclasses.fields(cfg)}
-    changes = {}
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form key=value")
-        key, value = item.split("=", 1)
-        key = key.strip().replace("-", "_")
-        if key not in fields:
-            raise ConfigError(
-                f"{type(cfg).__name__} has no field {key!r}; fields: {', '.join(sorted(fields))}"
-            )
-        changes[key] = _cast(value.strip(), fields[key].type, key)
-    return dataclasses.replace(cfg, **changes)
-
-
-def split_overrides(cfg_a, cfg_b, overrides: list[str] | None) -> tuple[list[str], list[str]]:
-    """Route each ``key=value`` to whichever of two configs has that field (model vs training)."""
-    a_names = {f.name for f in dataclasses.fields(cfg_a)}
-    b_names = {f.name for f in dataclasses.fields(cfg_b)}
-    to_a, to_b = [], []
-    for item in overrides or []:
-        key = item.split("=", 1)[0].strip().replace("-", "_")
-        if key in a_names:
-            to_a.append(item)
-        elif key in b_names:
-            to_b.append(item)
-        else:
-            raise ConfigError(
-                f"no config field named {key!r}; model fields: {', '.join(sorted(a_names))}; "
-                f"training fields: {', '.join(sorted(b_names))}"
-            )
-    return to_a, to_b
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_REEXPORTS))
