@@ -13,7 +13,7 @@ compared with the truth and with each other by :func:`calm.metrics.brier_from_sa
 K >= 4 one step gives the four tokens (the first four of the chunk are used) and the whole
 window costs one backbone pass. With K < 4 each sample is continued on its *own* sampled
 tokens for ``ceil(4 / K) - 1`` more chunks; all positions of a batch of windows are rolled out
-at once from a copy of the window's KV cache (see "Rollouts" below).
+at once from the window's KV cache, shared as a prefix (or forked; see `calm.brier_rollouts`).
 
 **Token baseline** (:func:`ar_window_scores`), lower variance than sampling whole n-grams:
 Brier-n = 2 P(y_{1..n}) - sum_x P(x_{1..n})^2 with
