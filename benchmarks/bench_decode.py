@@ -53,10 +53,10 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from calm.config import ARConfig, CALMConfig, preset
 from calm.flops import flops_report
+from calm.flops_counts import autoencoder_counts, energy_head_counts
 from calm.generation import generate
 from calm.models.ar import TokenTransformer
 from calm.models.autoencoder import ChunkAutoencoder
@@ -110,19 +110,12 @@ def predicted(calm_cfg: CALMConfig, ar_cfg: ARConfig, context_tokens: int, sampl
 
 def draw_macs(calm: CALM) -> int | None:
     """Multiply-adds of one energy-head sample and of its decoding up to the first token's final
-    hidden state (the vocabulary projection left out): the least every draw of the temperature
-    samplers costs. None for heads other than the energy head."""
-    head, ae = calm.head, calm.autoencoder
-    if getattr(head, "name", None) != "energy":
+    hidden state (the vocabulary projection left out; `calm.flops_counts`): the least every draw
+    of the temperature samplers costs. None for heads other than the energy head."""
+    if calm.config.head != "energy":
         return None
-
-    def macs(*modules) -> int:
-        return sum(m.in_features * m.out_features for mod in modules for m in mod.modules() if isinstance(m, nn.Linear))
-
-    per_sample = macs(head) - macs(head.hidden_embd)  # h' is computed once per row
-    per_sample -= sum(b.linears[0].out_features * head.d_model for b in head.blocks)  # the h-half of each block
-    decode = macs(ae.from_latent, *ae.decoder_pre, *ae.decoder_post) + macs(ae.expand) // ae.config.chunk_size
-    return per_sample + decode
+    _, per_sample, h_only = energy_head_counts(calm.config)  # the h-only part is paid once per row
+    return per_sample - h_only + autoencoder_counts(calm.autoencoder.config)["decoder_first_token_matmul"]
 
 
 def matmul_gflops(rows: int, dim: int, dtype: torch.dtype, device: str) -> float:

@@ -116,6 +116,11 @@ def test_autoencoder_params_equal_numel(name):
     assert counts["total"] == count_parameters(model)
     encoder = [model.encoder_pre, model.squeeze, model.encoder_post, model.encoder_norm, model.to_latent]
     assert counts["encoder"] == sum(count_parameters(m) for m in encoder)
+    # one token position of the decoder, from the latent (the vocabulary projection left out)
+    to_first = [model.from_latent, *model.decoder_pre, *model.decoder_post]
+    linears = [m for part in to_first for m in part.modules() if isinstance(m, torch.nn.Linear)]
+    expand_slice = model.expand.weight.numel() // cfg.chunk_size
+    assert counts["decoder_first_token_matmul"] == sum(m.weight.numel() for m in linears) + expand_slice
     assert flops_report(cfg)["params"]["total"] == count_parameters(model)
 
 

@@ -91,6 +91,9 @@ def autoencoder_counts(ae: AutoencoderConfig) -> dict[str, int]:
     dec_params = (l * d + d) + 2 * half * block_params + (d * K * d + K * d) + d
     enc_matmul = K * half * block_matmul + K * d * d + half * block_matmul + d * 2 * l
     dec_matmul = l * d + half * block_matmul + d * K * d + K * half * block_matmul + K * V * d
+    # what the temperature samplers' lazy draw classes pay per draw: the shared layers, then one
+    # position's slice of `expand` and its blocks (the vocabulary projection not included)
+    first_token = l * d + half * block_matmul + d * d + half * block_matmul
     return {
         "embeddings": embed,
         "encoder": enc_params,
@@ -98,6 +101,7 @@ def autoencoder_counts(ae: AutoencoderConfig) -> dict[str, int]:
         "total": embed + enc_params + dec_params,
         "encoder_matmul": enc_matmul,
         "decoder_matmul": dec_matmul,
+        "decoder_first_token_matmul": first_token,
     }
 
 
