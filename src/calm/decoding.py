@@ -80,10 +80,11 @@ def _screen_for(weight: torch.Tensor) -> _Screen:
 
 def screen_pays(weight: torch.Tensor, rows: int = 1) -> bool:
     """Whether the bf16 screen is the faster exact argmax for `rows` hidden states and this
-    float32 weight here. It has a fixed cost (~0.3 ms on one CPU thread) that the bf16 matmul
-    repays from about 2^25 multiply-adds: 64 rows of a 4096 x 128 matrix (0.50 vs 0.68 ms
-    direct), 16 of 8192 x 256 (0.73 vs 0.97), 4 of 32000 x 512 (2.2 vs 5.4); at 3200 rows of
-    4096 x 128 it is 4x faster (13.7 vs 55.7 ms)."""
+    float32 weight here. It has a fixed cost (~0.2-0.5 ms on one CPU thread) that the bf16
+    matmul repays from about 2^25 multiply-adds (`python benchmarks/bench_tied_argmax.py`, one
+    thread, AMX CPU: 64 rows of a 4096 x 128 matrix 0.43 against 0.66 ms direct, 16 rows of
+    8192 x 256 0.69 against 1.03, 4 rows of 32000 x 512 2.1 against 5.2; 3200 rows of
+    4096 x 128 15.9 against 54.6, while one row of it is 3.6x slower screened)."""
     V, d = weight.shape
     return (
         weight.dtype == torch.float32
@@ -243,7 +244,8 @@ class DrawClasses:
     Everything is batched over all rows and draws: the step's draws live in flat tensors (row,
     index in the row, decoder state, tokens decoded so far), prefixes are grouped with
     ``torch.unique`` level by level, and each level decodes all the draws that need it in one
-    call. (A per-draw Python version cost ~20 us a draw: 45 ms of a 16-row step of 200 draws.)
+    call. (A per-draw Python version, before, made CALM at T = 0.5 and 16 rows 0.13x the
+    Transformer against 0.23x now: README, decoding throughput on trained models.)
     """
 
     def __init__(self, decoder: ChunkDecoder, hidden: torch.Tensor):
@@ -280,8 +282,9 @@ class DrawClasses:
         if width > self.flat.shape[1]:
             pad = self.flat.new_full((self.flat.shape[0], width - self.flat.shape[1]), -1)
             self.flat = torch.cat([self.flat, pad], 1)
-        self.flat[row_t.repeat_interleave(m), index] = torch.arange(first, first + b * m, device=dev)
-        self.row = torch.cat([self.row, row_t.repeat_interleave(m)])
+        row_of_draw = row_t.repeat_interleave(m)
+        self.flat[row_of_draw, index] = torch.arange(first, first + b * m, device=dev)
+        self.row = torch.cat([self.row, row_of_draw])
         self.index = torch.cat([self.index, index])
         self.states = states if self.states is None else torch.cat([self.states, states])
         self.tokens = torch.cat([self.tokens, self.tokens.new_full((b * m, self.K), -1)])
@@ -309,9 +312,11 @@ class DrawClasses:
         know p + 1 tokens by (row, first p + 1 tokens) with ``torch.unique`` (the group id of
         level p - 1 times V plus token p, so keys stay small for any vocabulary); the draws of
         groups of two or more then get token p + 1, or the rest of the chunk at once when they
-        are few (a call has a fixed cost of ~0.4 ms on a CPU thread: at 200 draws, 79 share a
-        first token, and one call for their last three positions cost 2.1 ms against 1.1 ms for
-        the next position alone, whose groups are then few).
+        are few (a call has a fixed cost of a few tenths of a ms on a CPU thread, and for many
+        draws the next position alone is the cheaper call: with the trained K = 4 model of the
+        README, 75 of a row's 200 draws share a first token, and the rest of their chunks cost
+        1.78 ms in one call against 0.93 ms for the next position alone, after which few groups
+        are left; `benchmarks/bench_tied_argmax.py --calm ... --data ...`).
         """
         group = self.row.clone()  # level -1: the row
         for p in range(self.K):
