@@ -74,6 +74,8 @@ def rest_table(path: str, data: str, reps: int) -> list[str]:
     from calm.train_data import PreparedData
 
     model = load_model(path).eval()
+    if model.config.kind != "calm":
+        raise SystemExit(f"--calm {path} holds a {model.config.kind} model, not a CALM")
     dec = ChunkDecoder.for_model(model)
     K = dec.K
     windows = PreparedData(data).val_windows(64 * K, 8)
@@ -119,8 +121,13 @@ def main(argv=None) -> int:
     )
     print("\n".join(screen_table(args.reps)))
     if args.calm:
+        from calm.checkpoint import CheckpointError
+
         print()
-        print("\n".join(rest_table(args.calm, args.data, args.reps)))
+        try:
+            print("\n".join(rest_table(args.calm, args.data, args.reps)))
+        except (CheckpointError, FileNotFoundError, ValueError) as err:
+            parser.error(str(err))
     return 0
 
 
