@@ -46,6 +46,8 @@ with torch.no_grad():
     loss = float(model(live_windows())[0])
 if torch.distributed.get_rank() == 0:
     open(out + "/live.json", "w").write(json.dumps({{"loss": loss}}))
+from calm.distributed import destroy_distributed
+destroy_distributed()  # not left to interpreter shutdown, where Gloo once aborted a rank in CI
 """
 
 AR_CONFIG = ARConfig(vocab_size=32, d_model=16, num_layers=2, num_heads=2, ffn_dim=24, max_seq_len=16)

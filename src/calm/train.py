@@ -121,7 +121,10 @@ def train(
     eval_fn: ``eval_fn(model, step) -> dict`` called (on every rank, model unwrapped, in eval
         mode, no grad) at each evaluation; its numbers are logged next to the validation loss.
     device: ``None``/"auto" picks this rank's GPU, else CPU. Under torchrun, the process group is
-        joined here and the model wrapped with `strategy` ("ddp" or "fsdp").
+        joined here and the model wrapped with `strategy` ("ddp" or "fsdp"). The group stays up
+        (an FSDP2 model needs it for its forward); call `calm.distributed.destroy_distributed()`
+        before the process exits, as `calm train` does: a Gloo group left to interpreter
+        shutdown can abort a rank ("terminate called without an active exception").
     keep_checkpoints: also keep ``out_dir/checkpoint-<step>`` for every save.
     initial_weights: full tensors by state-dict name copied into the model after it is
         initialised, on a fresh run (e.g. CALM's trained autoencoder, ``autoencoder.*``).
